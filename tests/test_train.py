@@ -1,0 +1,196 @@
+"""The training run: library call and command line, records, precision, accumulation, errors."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from tests.conftest import REPO, TINY_MODEL, run_cli
+from vitexp.checkpoint import load_checkpoint
+from vitexp.data import BatchTransform, DeviceLoader, Split
+from vitexp.errors import ConfigError
+from vitexp.models import VisionTransformer, build_model
+from vitexp.train import evaluate, train
+
+FAKE_TINY = ["dataset=fake", "model=vit_ti4", "model.img_size=16", *TINY_MODEL, "trainer.progress=false"]
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def test_one_epoch_on_digits_leaves_a_complete_run_dir(cfg_factory):
+    cfg = cfg_factory("experiment=digits", "trainer.max_epochs=1", "trainer.progress=false")
+    best = train(cfg)
+    run_dir = Path(cfg.run_dir)
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["best"]["val/acc1"] == best and summary["steps"] == 1437 // 32
+    assert summary["eval_split"] == "test" and summary["images_per_sec"] > 0
+    assert "git_commit" in summary
+    records = read_jsonl(run_dir / "metrics.jsonl")
+    train_rows = [r for r in records if "train/loss" in r]
+    eval_rows = [r for r in records if "val/acc1" in r]
+    assert len(eval_rows) == 1 and eval_rows[0]["step"] == 44 and eval_rows[0]["epoch"] == 1
+    assert [r["step"] for r in train_rows] == [10, 20, 30, 40, 44]
+    ckpt = load_checkpoint(run_dir / "last.pt")
+    assert ckpt["epoch"] == 1 and ckpt["global_step"] == 44
+    assert ckpt["config"]["model"]["patch_size"] == 2
+    assert not any(k.startswith(("_orig_mod.", "module.")) for k in ckpt["model"])
+    # The checkpoint rebuilds the model from its own config.
+    model = build_model(ckpt["config"]["model"])
+    model.load_state_dict(ckpt["model"])
+    assert (run_dir / "best.pt").is_file() and (run_dir / "config.yaml").is_file()
+
+
+def test_cifar_subset_smoke(cfg_factory, cifar_root):
+    cfg = cfg_factory(
+        "dataset=cifar10", f"dataset.root={cifar_root}", "model=vit_ti4", *TINY_MODEL,
+        "trainer.max_steps=3", "trainer.batch_size=64", "trainer.progress=false",
+    )  # fmt: skip
+    train(cfg)
+    summary = json.loads((Path(cfg.run_dir) / "summary.json").read_text())
+    assert summary["steps"] == 3 and summary["epochs"] == 1
+    assert 0.0 <= summary["final"]["val/acc1"] <= 1.0
+
+
+def test_loss_goes_down_on_digits(cfg_factory):
+    cfg = cfg_factory("experiment=digits", "trainer.max_epochs=6", "trainer.progress=false")
+    train(cfg)
+    rows = [r for r in read_jsonl(Path(cfg.run_dir) / "metrics.jsonl") if "val/loss" in r]
+    assert rows[-1]["val/loss"] < rows[0]["val/loss"] - 0.1
+
+
+def test_same_seed_same_run(cfg_factory, tmp_path):
+    a = cfg_factory(*FAKE_TINY, "trainer.max_steps=4", "trainer.batch_size=32")
+    train(a)
+    b = cfg_factory(*FAKE_TINY, "trainer.max_steps=4", "trainer.batch_size=32")
+    b.run_dir = str(tmp_path / "b")
+    train(b)
+    wa = load_checkpoint(Path(a.run_dir) / "last.pt")["model"]
+    wb = load_checkpoint(Path(b.run_dir) / "last.pt")["model"]
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def test_gradient_accumulation_keeps_the_global_batch(cfg_factory, tmp_path):
+    """4 micro-batches of 8 make the same update as one batch of 32."""
+    common = [*FAKE_TINY, "trainer.max_steps=3", "trainer.batch_size=32", "optimizer=sgd"]
+    one = cfg_factory(*common)
+    one.run_dir = str(tmp_path / "one")
+    four = cfg_factory(*common, "trainer.grad_accum_steps=4")
+    four.run_dir = str(tmp_path / "four")
+    train(one)
+    train(four)
+    w1 = load_checkpoint(tmp_path / "one" / "last.pt")["model"]
+    w4 = load_checkpoint(tmp_path / "four" / "last.pt")["model"]
+    for key in w1:
+        torch.testing.assert_close(w1[key], w4[key], atol=2e-5, rtol=1e-4)
+
+
+def test_bf16_autocast_on_cpu(cfg_factory):
+    cfg = cfg_factory(*FAKE_TINY, "trainer.max_steps=2", "trainer.batch_size=32", "trainer.precision=bf16")
+    assert torch.isfinite(torch.tensor(train(cfg)))
+
+
+def test_evaluate_counts_the_true_number_of_samples():
+    torch.manual_seed(0)
+    model = VisionTransformer(img_size=8, patch_size=4, num_classes=6, hidden_size=16, mlp_dim=32,
+                              num_heads=2, num_layers=1).eval()  # fmt: skip
+    split = Split(torch.randint(0, 256, (10, 3, 8, 8), dtype=torch.uint8), torch.randint(0, 6, (10,)))
+    transform = BatchTransform(img_size=8, mean=[0.5] * 3, std=[0.5] * 3)
+    got = evaluate(
+        model,
+        DeviceLoader(split, batch_size=4, transform=transform, train=False),
+        torch.autocast("cpu", enabled=False),
+    )
+    with torch.no_grad():
+        logits = model(transform.eval(split.images))
+    assert got["acc1"] == pytest.approx((logits.argmax(1) == split.labels).float().mean().item())
+    assert got["loss"] == pytest.approx(F.cross_entropy(logits, split.labels).item(), rel=1e-5)
+    top5 = logits.topk(5, dim=1).indices
+    assert got["acc5"] == pytest.approx((top5 == split.labels[:, None]).any(1).float().mean().item())
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["trainer.precision=fp16"], "trainer.precision=fp16 needs a CUDA GPU"),
+        (
+            ["trainer.batch_size=4096"],
+            "trainer.batch_size=4096 is larger than the training set (1024 images)",
+        ),
+        (["optimizer.lr=0"], "optimizer.lr=0 must be positive"),
+        (["trainer.max_epochs=-1"], "trainer.max_epochs=-1 must be positive"),
+        (
+            ["trainer.batch_size=30", "trainer.grad_accum_steps=4"],
+            "not divisible by trainer.grad_accum_steps=4",
+        ),
+        (["model.img_size=30"], "model: img_size=30 is not divisible by patch_size=4"),
+        (["model.num_heads=3"], "model: hidden_size=32 is not divisible by num_heads=3"),
+        (["model.num_classes=5"], "model.num_classes=5 but the dataset has 10 classes"),
+        (["trainer.monitor=val/f1"], "trainer.monitor='val/f1' is not one of"),
+        (
+            ["+optimizer.momentum=0.9"],
+            "optimizer: AdamW.__init__() got an unexpected keyword argument 'momentum'",
+        ),
+    ],
+)
+def test_bad_settings_are_one_line_errors(cfg_factory, overrides, message):
+    cfg = cfg_factory(*FAKE_TINY, "trainer.max_steps=1", *overrides)
+    with pytest.raises(ConfigError) as err:
+        train(cfg)
+    assert message in str(err.value)
+    assert "\n" not in str(err.value)
+
+
+def test_a_required_setting_left_unset_is_named(cfg_factory):
+    cfg = cfg_factory("experiment=cifar10_finetune_vit_b16")
+    with pytest.raises(
+        ConfigError, match=r"this preset fine-tunes pretrained weights: add model.pretrained=PATH"
+    ):
+        train(cfg)
+    cfg = cfg_factory(*FAKE_TINY, "model.num_layers=???")
+    with pytest.raises(ConfigError, match=r"model.num_layers is required here \(marked \?\?\?\)"):
+        train(cfg)
+
+
+def test_cli_run_writes_hydra_run_dir(tmp_path):
+    run_dir = tmp_path / "run"
+    result = run_cli(*FAKE_TINY, "trainer.max_steps=2", "trainer.batch_size=32", f"hydra.run.dir={run_dir}")
+    assert result.returncode == 0, result.stderr[-2000:]
+    for name in (".hydra/config.yaml", ".hydra/overrides.yaml", "config.yaml", "metrics.jsonl", "last.pt",
+                 "best.pt", "summary.json", "__main__.log"):  # fmt: skip
+        assert (run_dir / name).is_file(), name
+    assert "epoch 1/1" in result.stdout and "done: best val/acc1" in result.stdout
+
+
+def test_cli_bad_setting_exits_2_with_one_line_and_no_traceback(tmp_path):
+    result = run_cli(*FAKE_TINY, "model.img_size=30", f"hydra.run.dir={tmp_path}")
+    assert result.returncode == 2
+    output = result.stdout + result.stderr
+    assert "Traceback" not in output
+    errors = [line for line in output.splitlines() if "error:" in line]
+    assert len(errors) == 1 and "img_size=30 is not divisible by patch_size=4" in errors[0]
+
+
+def test_cli_cifar100_without_network_fails_fast_saying_how_to_provide_it(tmp_path):
+    """`python -m vitexp model=vit_b16 dataset=cifar100` here: torchvision's download cannot
+    reach the network, and the run stops with what to do instead."""
+    try:
+        result = run_cli("model=vit_b16", "dataset=cifar100", f"dataset.root={tmp_path / 'data'}",
+                         f"hydra.run.dir={tmp_path / 'run'}", timeout=120)  # fmt: skip
+    except subprocess.TimeoutExpired:
+        pytest.fail("the download attempt did not fail fast")
+    if (tmp_path / "data" / "cifar-100-python").is_dir():
+        pytest.skip("this machine has a network: CIFAR-100 was downloaded")
+    assert result.returncode == 2
+    assert "could not download cifar100" in result.stdout + result.stderr
+    assert "dataset.root=" in result.stdout + result.stderr
+
+
+def test_quickstart_command_is_the_makefile_one():
+    assert "-m vitexp experiment=digits" in (REPO / "Makefile").read_text()

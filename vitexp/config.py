@@ -1,0 +1,45 @@
+"""Where vitexp's configs live, and the `experiment` group built from `experiments/`.
+
+In a source checkout (and an editable install) the configs are the repository's top-level
+`conf/` and `experiments/`; a wheel carries the same files as `vitexp/_conf` and
+`vitexp/_experiments`. Presets in `experiments/` are registered in Hydra's ConfigStore as
+the `experiment` group, so `experiment=NAME` works from any working directory without
+copying or linking them under `conf/`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import OmegaConf
+
+_PACKAGE = Path(__file__).resolve().parent
+
+
+def _first_dir(*candidates: Path) -> Path:
+    for path in candidates:
+        if path.is_dir():
+            return path
+    raise FileNotFoundError(f"vitexp's config folder is missing; looked in {', '.join(map(str, candidates))}")
+
+
+def conf_dir() -> Path:
+    """The folder holding `config.yaml` and one subfolder per config group."""
+    return _first_dir(_PACKAGE / "_conf", _PACKAGE.parent / "conf")
+
+
+def experiments_dir() -> Path:
+    """The folder of named presets (`experiment=NAME`)."""
+    return _first_dir(_PACKAGE / "_experiments", _PACKAGE.parent / "experiments")
+
+
+def register_experiments() -> list[str]:
+    """Store every `experiments/*.yaml` as option NAME of the `experiment` group, merged at
+    the global package (as their `# @package _global_` header says). Returns the names."""
+    store = ConfigStore.instance()
+    names = []
+    for path in sorted(experiments_dir().glob("*.yaml")):
+        store.store(group="experiment", name=path.stem, node=OmegaConf.load(path), package="_global_")
+        names.append(path.stem)
+    return names
