@@ -50,11 +50,11 @@ def test_one_epoch_on_digits_leaves_a_complete_run_dir(cfg_factory):
 def test_cifar_subset_smoke(cfg_factory, cifar_root):
     cfg = cfg_factory(
         "dataset=cifar10", f"dataset.root={cifar_root}", "model=vit_ti4", *TINY_MODEL,
-        "trainer.max_steps=3", "trainer.batch_size=64", "trainer.progress=false",
+        "trainer.max_epochs=1", "trainer.batch_size=128", "trainer.progress=false",
     )  # fmt: skip
     train(cfg)
     summary = json.loads((Path(cfg.run_dir) / "summary.json").read_text())
-    assert summary["steps"] == 3 and summary["epochs"] == 1
+    assert summary["steps"] == 5085 // 128 and summary["epochs"] == 1
     assert 0.0 <= summary["final"]["val/acc1"] <= 1.0
 
 
@@ -194,3 +194,24 @@ def test_cli_cifar100_without_network_fails_fast_saying_how_to_provide_it(tmp_pa
 
 def test_quickstart_command_is_the_makefile_one():
     assert "-m vitexp experiment=digits" in (REPO / "Makefile").read_text()
+
+
+def test_fine_tune_from_a_previous_run_with_another_head(cfg_factory, tmp_path):
+    """`model.pretrained=last.pt` of a 10-class run into a 5-class run: the encoder is
+    imported, the head is new (zeros with zero_head)."""
+    first = cfg_factory(*FAKE_TINY, "trainer.max_steps=2", "trainer.batch_size=32")
+    train(first)
+    source = load_checkpoint(Path(first.run_dir) / "last.pt")["model"]
+    second = cfg_factory(
+        *FAKE_TINY, "trainer.max_steps=1", "trainer.batch_size=32", "dataset.num_classes=5",
+        f"model.pretrained={first.run_dir}/last.pt", "model.zero_head=true", "optimizer.lr=1e-9",
+    )  # fmt: skip
+    second.run_dir = str(tmp_path / "second")
+    train(second)
+    tuned = load_checkpoint(tmp_path / "second" / "last.pt")["model"]
+    assert tuned["head.weight"].shape == (5, 32)
+    assert tuned["head.weight"].abs().max() < 1e-6
+    # With a vanishing learning rate the imported encoder is (almost) unchanged.
+    torch.testing.assert_close(
+        tuned["encoder.layer.1.attn.qkv.weight"], source["encoder.layer.1.attn.qkv.weight"]
+    )
