@@ -12,7 +12,12 @@ from vitexp.config import conf_dir
 from vitexp.errors import ConfigError
 from vitexp.models import VisionTransformer, build_model
 
-MODEL_NAMES = sorted(p.stem for p in (conf_dir() / "model").glob("*.yaml"))
+# The plain ViTs; the convolutional families have their own tests (test_conv_models.py).
+MODEL_NAMES = sorted(
+    p.stem
+    for p in (conf_dir() / "model").glob("*.yaml")
+    if OmegaConf.load(p)._target_ == "vitexp.models.VisionTransformer"
+)
 
 
 def tiny(**overrides) -> VisionTransformer:

@@ -9,20 +9,52 @@ import logging
 import sys
 
 import hydra
+from hydra.core.config_store import ConfigStore
 from hydra.core.hydra_config import HydraConfig
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.errors import HydraException
 from omegaconf import DictConfig
 
 from vitexp.config import conf_dir, register_experiments
 from vitexp.errors import ConfigError
+from vitexp.preemption import EXIT_PREEMPTED, Preempted
 
 log = logging.getLogger("vitexp")
 
 register_experiments()
 
 
+def group_options(group: str) -> list[str]:
+    """The options of a config group: YAML files in conf/GROUP, or ConfigStore entries."""
+    files = [p.stem for p in (conf_dir() / group).glob("*.yaml")]
+    stored = ConfigStore.instance().repo.get(group, {})
+    return sorted({*files, *(name.removesuffix(".yaml") for name in stored)})
+
+
+def check_group_choices(args: list[str]) -> str | None:
+    """Hydra's own message for an unknown option spans several lines and a hint about
+    HYDRA_FULL_ERROR; give one line listing the choices instead. Returns the message, or
+    None when every `group=option` (and every option of a sweep) exists."""
+    candidates = [a for a in args if "=" in a and not a.startswith(("-", "hydra", "+", "~"))]
+    try:
+        overrides = OverridesParser.create().parse_overrides(candidates)
+    except HydraException:
+        return None  # not ours to judge: Hydra reports syntax errors itself
+    for override in overrides:
+        group = override.key_or_group
+        is_group = (conf_dir() / group).is_dir() or group == "experiment"
+        if "." in group or "/" in group or not is_group:
+            continue
+        choices = group_options(group)
+        values = list(override.sweep_iterator()) if override.is_sweep_override() else [override.value()]
+        for value in values:
+            if isinstance(value, str) and value not in choices:
+                return f"unknown {group} {value!r}: choose one of {', '.join(choices)}"
+    return None
+
+
 @hydra.main(version_base="1.3", config_path=str(conf_dir()), config_name="config")
-def main(cfg: DictConfig) -> float:
-    """Train one job; returns the monitored metric so sweepers can optimise it."""
+def _hydra_main(cfg: DictConfig) -> float:
     from vitexp.train import train
 
     try:
@@ -32,6 +64,19 @@ def main(cfg: DictConfig) -> float:
         if HydraConfig.get().mode.name == "MULTIRUN":
             raise  # Hydra records the failed job; the sweep goes on with the others.
         sys.exit(2)
+    except Preempted as e:
+        # Stop the whole process (a sweep too): the scheduler wants the machine back.
+        log.warning("%s", e)
+        sys.exit(EXIT_PREEMPTED)
+
+
+def main() -> float | None:
+    """Train one job (or a sweep with -m); returns the monitored metric for sweepers."""
+    problem = check_group_choices(sys.argv[1:])
+    if problem:
+        print(f"error: {problem}", file=sys.stderr)
+        sys.exit(2)
+    return _hydra_main()
 
 
 if __name__ == "__main__":

@@ -9,12 +9,14 @@ model's resolution in a single pass: no PIL, no worker processes, no per-image P
 
 from __future__ import annotations
 
+import abc
 import logging
 import math
 import pickle
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -37,11 +39,34 @@ class Split:
     def to(self, device: torch.device | str) -> Split:
         return Split(self.images.to(device), self.labels.to(device))
 
+    def subset(self, idx: Tensor) -> Split:
+        return Split(self.images[idx], self.labels[idx])
+
+
+@dataclass
+class FileSplit:
+    """Image files too many to hold in memory: decoded batch by batch to `image_size`."""
+
+    paths: list[str]
+    labels: Tensor  # int64, (N,)
+    image_size: tuple[int, int]
+    in_channels: int = 3
+    on_error: str = "fail"  # what an unreadable file does: "fail" the run or "skip" the file
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def subset(self, idx: Tensor) -> FileSplit:
+        keep = idx.tolist()
+        return FileSplit(
+            [self.paths[i] for i in keep], self.labels[idx], self.image_size, self.in_channels, self.on_error
+        )
+
 
 @dataclass
 class ImageData:
-    train: Split
-    test: Split
+    train: Split | FileSplit
+    test: Split | FileSplit
     classes: list[str]
 
     @property
@@ -209,16 +234,103 @@ def load_fake(
     return ImageData(split(num_train), split(num_test), [str(i) for i in range(num_classes)])
 
 
-def carve_validation(train: Split, fraction: float, seed: int = 0) -> tuple[Split, Split]:
+def carve_validation(train: Split | FileSplit, fraction: float, seed: int = 0) -> tuple[Any, Any]:
     """Hold out `fraction` of the training images (a fixed, seeded choice) for validation."""
     if not 0.0 < fraction < 1.0:
         raise ConfigError(f"dataset.val_split={fraction} must be between 0 and 1 (0 turns it off)")
     n_val = max(1, round(len(train) * fraction))
     order = torch.randperm(len(train), generator=torch.Generator().manual_seed(seed))
-    val_idx, train_idx = order[:n_val], order[n_val:]
-    return Split(train.images[train_idx], train.labels[train_idx]), Split(
-        train.images[val_idx], train.labels[val_idx]
+    return train.subset(order[n_val:]), train.subset(order[:n_val])
+
+
+# --------------------------------------------------------------------------- image folders
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".pgm", ".tif", ".tiff", ".webp")
+
+
+def _scan_folder(folder: Path, classes: list[str] | None) -> tuple[list[str], list[int], list[str]]:
+    if not folder.is_dir():
+        raise ConfigError(
+            f"image folder {folder} does not exist; set dataset.root (and dataset.train_dir/test_dir)"
+        )
+    found = sorted(d.name for d in folder.iterdir() if d.is_dir())
+    classes = classes if classes is not None else found
+    unknown = sorted(set(found) - set(classes))
+    if unknown:
+        raise ConfigError(f"{folder} has class folders the training set lacks: {', '.join(unknown[:5])}")
+    paths, labels = [], []
+    for label, name in enumerate(classes):
+        for path in sorted((folder / name).rglob("*")):
+            if path.suffix.lower() in IMAGE_EXTENSIONS and path.is_file():
+                paths.append(str(path))
+                labels.append(label)
+    if not paths:
+        raise ConfigError(
+            f"no images found under {folder}: expected one folder per class holding "
+            f"{', '.join(IMAGE_EXTENSIONS)} files"
+        )
+    return paths, labels, classes
+
+
+def load_imagefolder(
+    root: str | Path,
+    train_dir: str = "train",
+    test_dir: str = "val",
+    image_size: int | Sequence[int] = 224,
+    in_channels: int = 3,
+    on_error: str = "fail",
+) -> ImageData:
+    """An ImageNet-style tree, `root/{train_dir,test_dir}/<class>/<image>`. Files are listed
+    now and decoded while training (DataLoader workers), resized to `image_size`."""
+    if on_error not in ("fail", "skip"):
+        raise ConfigError(f"dataset.on_error={on_error!r} must be fail or skip")
+    size = (
+        (image_size, image_size) if isinstance(image_size, int) else (int(image_size[0]), int(image_size[1]))
     )
+    root = Path(root).expanduser()
+    train_paths, train_labels, classes = _scan_folder(root / train_dir, None)
+    test_paths, test_labels, _ = _scan_folder(root / test_dir, classes)
+
+    def split(paths: list[str], labels: list[int]) -> FileSplit:
+        return FileSplit(paths, torch.tensor(labels, dtype=torch.long), size, in_channels, on_error)
+
+    return ImageData(split(train_paths, train_labels), split(test_paths, test_labels), classes)
+
+
+class _DecodedFiles(torch.utils.data.Dataset):
+    """Decodes one file to a uint8 (C, H, W) tensor: resized so its shorter side fits, then
+    centre-cropped. A file that cannot be read yields its error instead of raising, so the
+    main process can name it in one line (or skip it)."""
+
+    def __init__(self, split: FileSplit) -> None:
+        self.split = split
+
+    def __len__(self) -> int:
+        return len(self.split)
+
+    def __getitem__(self, index: int) -> tuple[Tensor | None, int, str, str | None]:
+        from PIL import Image, ImageOps
+
+        path, label = self.split.paths[index], int(self.split.labels[index])
+        try:
+            with Image.open(path) as img:
+                img = img.convert("L" if self.split.in_channels == 1 else "RGB")
+                height, width = self.split.image_size
+                img = ImageOps.fit(img, (width, height), Image.Resampling.BILINEAR)
+                array = np.asarray(img, dtype=np.uint8)
+        except (OSError, ValueError, SyntaxError) as e:  # PIL's errors for broken files
+            return None, label, path, f"{type(e).__name__}: {e}"
+        tensor = torch.from_numpy(array.copy())
+        tensor = tensor[None] if tensor.ndim == 2 else tensor.permute(2, 0, 1)
+        return tensor, label, path, None
+
+
+def _collate_decoded(items: list) -> tuple[Tensor, Tensor, list[tuple[str, str]]]:
+    good = [(image, label) for image, label, _, error in items if error is None]
+    failures = [(path, error) for _, _, path, error in items if error is not None]
+    if not good:
+        return torch.empty(0, dtype=torch.uint8), torch.empty(0, dtype=torch.long), failures
+    return torch.stack([g[0] for g in good]), torch.tensor([g[1] for g in good]), failures
 
 
 # --------------------------------------------------------------------------- augmentation
@@ -313,47 +425,122 @@ class BatchTransform:
         return self._normalize(x)
 
 
-class DeviceLoader:
-    """Batches of a `Split` that lives on the training device, optionally shuffled each
-    epoch and augmented. Shuffling and augmentation draw from `generator` alone, so its
-    state is all a resumed run needs to replay the same batches."""
+class _Loader(abc.ABC):
+    """Batches of one split in a fixed order, with the order exposed so that a resumed run
+    can replay an epoch from any batch: `new_order()` draws an epoch's order (shuffled for
+    training, from `generator` only), `iter_from(order, start)` yields its batches from batch
+    `start` on, already on the device and transformed."""
 
     def __init__(
         self,
-        split: Split,
+        num_samples: int,
         *,
         batch_size: int,
         transform: BatchTransform,
         train: bool,
+        device: torch.device,
         generator: torch.Generator | None = None,
     ) -> None:
         if batch_size <= 0:
             raise ConfigError(f"batch size {batch_size} must be positive")
-        if train and batch_size > len(split):
-            raise ConfigError(
-                f"trainer.batch_size={batch_size} is larger than the training set ({len(split)} images); "
-                f"lower trainer.batch_size"
-            )
-        self.split = split
+        self.num_samples = num_samples
         self.batch_size = batch_size
         self.transform = transform
         self.train = train
+        self.device = torch.device(device)
         self.generator = generator
 
     def __len__(self) -> int:
         # Training drops the short last batch so every step sees the same batch size;
         # evaluation keeps it so every sample is scored exactly once.
-        n = len(self.split)
+        n = self.num_samples
         return n // self.batch_size if self.train else math.ceil(n / self.batch_size)
 
-    def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
-        device = self.split.images.device
+    def new_order(self) -> Tensor:
         if self.train:
-            order = torch.randperm(len(self.split), device=device, generator=self.generator)
-        else:
-            order = torch.arange(len(self.split), device=device)
-        for i in range(len(self)):
-            idx = order[i * self.batch_size : (i + 1) * self.batch_size]
-            images, labels = self.split.images[idx], self.split.labels[idx]
-            x = self.transform.train(images, self.generator) if self.train else self.transform.eval(images)
-            yield x, labels
+            return torch.randperm(self.num_samples, device=self.device, generator=self.generator)
+        return torch.arange(self.num_samples, device=self.device)
+
+    def _batch_indices(self, order: Tensor, start: int) -> list[Tensor]:
+        return [order[i * self.batch_size : (i + 1) * self.batch_size] for i in range(start, len(self))]
+
+    def _finish(self, images: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
+        x = self.transform.train(images, self.generator) if self.train else self.transform.eval(images)
+        return x, labels
+
+    @abc.abstractmethod
+    def iter_from(self, order: Tensor, start: int = 0) -> Iterator[tuple[Tensor, Tensor]]:
+        """Batches `start`, `start + 1`, … of `order`."""
+
+    def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
+        return self.iter_from(self.new_order())
+
+
+class DeviceLoader(_Loader):
+    """Batches of a `Split` held on the training device: indexing replaces data loading."""
+
+    def __init__(self, split: Split, **kwargs: Any) -> None:
+        super().__init__(len(split), device=split.images.device, **kwargs)
+        self.split = split
+
+    def iter_from(self, order: Tensor, start: int = 0) -> Iterator[tuple[Tensor, Tensor]]:
+        for idx in self._batch_indices(order, start):
+            yield self._finish(self.split.images[idx], self.split.labels[idx])
+
+
+class FolderLoader(_Loader):
+    """Batches of a `FileSplit`: DataLoader workers decode and resize the files to uint8,
+    pinned host memory and non-blocking copies move them, and augmentation runs on the
+    device as for in-memory data."""
+
+    def __init__(self, split: FileSplit, *, num_workers: int = 0, **kwargs: Any) -> None:
+        super().__init__(len(split), **kwargs)
+        self.split = split
+        self.num_workers = num_workers
+        self._warned: set[str] = set()
+
+    def iter_from(self, order: Tensor, start: int = 0) -> Iterator[tuple[Tensor, Tensor]]:
+        batches = [idx.cpu().tolist() for idx in self._batch_indices(order, start)]
+        if not batches:
+            return
+        loader = torch.utils.data.DataLoader(
+            _DecodedFiles(self.split),
+            batch_sampler=batches,
+            num_workers=self.num_workers,
+            collate_fn=_collate_decoded,
+            pin_memory=self.device.type == "cuda",
+        )
+        for images, labels, failures in loader:
+            for path, error in failures:
+                if self.split.on_error != "skip":
+                    raise ConfigError(
+                        f"cannot read image {path} ({error}); fix or remove it, or set dataset.on_error=skip"
+                    )
+                if path not in self._warned:
+                    self._warned.add(path)
+                    log.warning("skipping unreadable image %s (%s)", path, error)
+            if len(labels) == 0:
+                raise ConfigError(f"a whole batch of images could not be read (e.g. {failures[0][0]})")
+            non_blocking = self.device.type == "cuda"
+            yield self._finish(
+                images.to(self.device, non_blocking=non_blocking),
+                labels.to(self.device, non_blocking=non_blocking),
+            )
+
+
+def make_loader(
+    split: Split | FileSplit,
+    *,
+    batch_size: int,
+    transform: BatchTransform,
+    train: bool,
+    device: torch.device,
+    generator: torch.Generator | None = None,
+    num_workers: int = 0,
+) -> DeviceLoader | FolderLoader:
+    """The loader that fits the split: in-memory splits move to the device once; file splits
+    stream through DataLoader workers."""
+    common = {"batch_size": batch_size, "transform": transform, "train": train, "generator": generator}
+    if isinstance(split, FileSplit):
+        return FolderLoader(split, device=device, num_workers=num_workers, **common)
+    return DeviceLoader(split.to(device), **common)

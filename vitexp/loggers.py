@@ -22,9 +22,15 @@ log = logging.getLogger(__name__)
 class JsonlLogger:
     """One JSON object per line: `{"step": …, "key": value, …}`, flushed as written."""
 
-    def __init__(self, path: str | Path) -> None:
+    def __init__(self, path: str | Path, keep_until_step: int | None = None) -> None:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        if keep_until_step is not None and self.path.is_file():
+            # A resumed run continues from its checkpoint: rows logged after it (before the
+            # interruption) are replaced by the ones the resumed run writes.
+            rows = self.path.read_text(encoding="utf-8").splitlines()
+            kept = [row for row in rows if row.strip() and json.loads(row).get("step", 0) <= keep_until_step]
+            self.path.write_text("".join(f"{row}\n" for row in kept), encoding="utf-8")
         self._file = self.path.open("a", encoding="utf-8")
 
     def log(self, metrics: Mapping[str, float], step: int) -> None:
@@ -122,10 +128,20 @@ class WandbLogger:
 
 
 class Loggers:
-    """Fan-out to several loggers."""
+    """Fan-out to several loggers; `keys` names the configured ones (after metrics.jsonl)."""
 
     def __init__(self, loggers: list[Any]) -> None:
         self.loggers = loggers
+        self.keys: list[str] = []
+
+    def run_ids(self) -> dict[str, str]:
+        """Ids of external runs (W&B), stored in checkpoints so a resumed run continues them."""
+        configured = self.loggers[len(self.loggers) - len(self.keys) :]
+        return {
+            key: lg.run_id
+            for key, lg in zip(self.keys, configured, strict=True)
+            if getattr(lg, "run_id", None)
+        }
 
     def log(self, metrics: Mapping[str, float], step: int) -> None:
         for logger in self.loggers:

@@ -11,7 +11,9 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import os
 import random
+import shlex
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -24,15 +26,17 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
-from torch import nn
+from torch import Tensor, nn
 from tqdm import tqdm
 
-from vitexp.checkpoint import rng_state, save_checkpoint, unwrap
-from vitexp.data import BatchTransform, DeviceLoader, ImageData, carve_validation
+from vitexp.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state, unwrap
+from vitexp.data import BatchTransform, ImageData, carve_validation, make_loader
 from vitexp.errors import ConfigError
 from vitexp.loggers import JsonlLogger, Loggers, git_state, write_json
 from vitexp.models import build_model
+from vitexp.models.convert import check_state_dict_fits
 from vitexp.optim import make_schedule, param_groups
+from vitexp.preemption import Preempted, PreemptionGuard
 
 log = logging.getLogger(__name__)
 
@@ -146,9 +150,17 @@ def run_names(cfg: DictConfig) -> dict[str, str | None]:
     return {"name": name, "group": group}
 
 
-def build_loggers(cfg: DictConfig, run_dir: Path, config: dict) -> Loggers:
-    """metrics.jsonl always, plus every logger configured under `logger`."""
-    loggers = Loggers([JsonlLogger(run_dir / "metrics.jsonl")])
+def build_loggers(
+    cfg: DictConfig,
+    run_dir: Path,
+    config: dict,
+    *,
+    resume_step: int | None = None,
+    run_ids: dict | None = None,
+) -> Loggers:
+    """metrics.jsonl always, plus every logger configured under `logger`. A resumed run
+    drops the rows its checkpoint had not reached and continues the same external runs."""
+    loggers = Loggers([JsonlLogger(run_dir / "metrics.jsonl", keep_until_step=resume_step)])
     names = run_names(cfg)
     for key, logger_cfg in (cfg.get("logger") or {}).items():
         extra = {
@@ -157,26 +169,120 @@ def build_loggers(cfg: DictConfig, run_dir: Path, config: dict) -> Loggers:
             "name": logger_cfg.get("name") or names["name"],
             "group": logger_cfg.get("group") or names["group"],
         }
+        if (run_ids or {}).get(key):
+            extra["run_id"] = run_ids[key]
         # Not recursive: the run's config holds `_target_`s of its own that must stay data.
         build_logger = lambda c=logger_cfg, kw=extra: instantiate(c, _recursive_=False, _convert_="all", **kw)  # noqa: E731
         loggers.loggers.append(build(f"logger.{key}", build_logger))
+        loggers.keys.append(key)
     return loggers
+
+
+def resolve_resume(setting: Any, run_dir: Path) -> Path | None:
+    """`trainer.resume`: null (fresh run), `auto` (this run dir's last.pt when there is one,
+    so re-running a command continues it) or a checkpoint path."""
+    if setting in (None, "", False):
+        return None
+    if str(setting) == "auto":
+        last = run_dir / "last.pt"
+        return last if last.is_file() else None
+    path = Path(str(setting)).expanduser()
+    if not path.is_file():
+        raise ConfigError(f"trainer.resume={setting}: no such checkpoint; give a checkpoint file, or auto")
+    return path
+
+
+def resume_command(run_dir: Path) -> str:
+    """The command that continues this run in the same directory."""
+    overrides = []
+    if HydraConfig.initialized():
+        overrides = [
+            o
+            for o in HydraConfig.get().overrides.task
+            if not o.startswith(("trainer.resume=", "hydra.run.dir=", "hydra.sweep."))
+        ]
+    args = [*overrides, f"hydra.run.dir={run_dir}", "trainer.resume=auto"]
+    return "python -m vitexp " + " ".join(shlex.quote(a) for a in args)
+
+
+class LossWindow:
+    """Training losses summed on the device between two log points (no host sync per step),
+    with a device-side record of the first non-finite step."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.loss = torch.zeros((), device=device)
+        self.steps = torch.zeros((), device=device, dtype=torch.long)
+        self.epoch_loss = torch.zeros((), device=device)
+        self.epoch_steps = 0
+        self.first_bad = torch.full((), -1, device=device, dtype=torch.long)
+        self.started = time.time()
+        self.count = 0
+
+    def add(self, loss: Tensor, finite: Tensor, step: int) -> None:
+        self.loss += torch.where(finite, loss, 0.0)
+        self.steps += finite.long()
+        self.first_bad = torch.where((self.first_bad < 0) & ~finite, step, self.first_bad)
+        self.count += 1
+
+    def first_nonfinite_step(self) -> int | None:
+        bad = int(self.first_bad.item())
+        return bad if bad >= 0 else None
+
+    def flush(self) -> tuple[float, int, float]:
+        """(mean loss of the finite steps, steps, seconds) since the last flush; then reset."""
+        steps, total = int(self.steps.item()), float(self.loss.item())
+        seconds = max(time.time() - self.started, 1e-9)
+        self.epoch_loss += self.loss
+        self.epoch_steps += steps
+        count = self.count
+        self.loss.zero_()
+        self.steps.zero_()
+        self.started, self.count = time.time(), 0
+        return (total / steps if steps else float("nan")), count, seconds
+
+    def end_epoch(self) -> float:
+        mean = float(self.epoch_loss.item()) / max(1, self.epoch_steps)
+        self.epoch_loss.zero_()
+        self.epoch_steps = 0
+        return mean
+
+
+class Checkpointer:
+    """Writes last.pt / best.pt / epoch{N}.pt. A failed write (disk full) keeps the previous
+    file and says so instead of stopping the run; `keep_last_k` bounds the epoch files."""
+
+    def __init__(self, run_dir: Path, keep_last_k: int | None) -> None:
+        self.run_dir = run_dir
+        self.keep_last_k = keep_last_k
+        self.last_good: str | None = None
+
+    def save(self, state: dict, name: str) -> bool:
+        path = self.run_dir / name
+        try:
+            save_checkpoint(state, path)
+        except OSError as e:
+            log.warning("could not write %s (%s); the previous %s is kept", path, e.strerror or e, name)
+            return False
+        if name == "last.pt":
+            self.last_good = f"{path} (step {state['global_step']})"
+        if name.startswith("epoch") and self.keep_last_k:
+            epochs = sorted(self.run_dir.glob("epoch*.pt"), key=lambda p: int(p.stem[5:]))
+            for old in epochs[: -self.keep_last_k]:
+                old.unlink(missing_ok=True)
+        return True
 
 
 # --------------------------------------------------------------------------- evaluation
 
 
 @torch.no_grad()
-def evaluate(
-    model: nn.Module, loader: DeviceLoader, autocast: contextlib.AbstractContextManager
-) -> dict[str, float]:
+def evaluate(model: nn.Module, loader: Any, autocast: contextlib.AbstractContextManager) -> dict[str, float]:
     """Loss, top-1 and top-5 accuracy over exactly the samples of `loader`: sums over
     samples divided by the sample count, so a short last batch weighs what it holds."""
     model.eval()
-    device = loader.split.images.device
-    loss_sum = torch.zeros((), device=device)
-    correct1 = torch.zeros((), device=device, dtype=torch.long)
-    correct5 = torch.zeros((), device=device, dtype=torch.long)
+    loss_sum = torch.zeros((), device=loader.device)
+    correct1 = torch.zeros((), device=loader.device, dtype=torch.long)
+    correct5 = torch.zeros((), device=loader.device, dtype=torch.long)
     count = 0
     for x, y in loader:
         with autocast:
@@ -200,6 +306,8 @@ def train(cfg: DictConfig) -> float:
     t = cfg.trainer
     run_dir = run_dir_of(cfg)
     run_dir.mkdir(parents=True, exist_ok=True)
+    resume_path = resolve_resume(t.get("resume"), run_dir)
+    ckpt = load_checkpoint(resume_path) if resume_path else None
     seed_everything(int(cfg.seed))
     device = pick_device(t.device)
     autocast = autocast_context(device, t.precision)
@@ -207,8 +315,11 @@ def train(cfg: DictConfig) -> float:
         # TF32 matmuls on Ampere and newer: fp32-like accuracy at tensor-core speed.
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
+    if t.on_nonfinite not in ("stop", "skip"):
+        raise ConfigError(f"trainer.on_nonfinite={t.on_nonfinite!r} must be stop or skip")
 
-    # Data: whole splits on the device, augmented there a batch at a time.
+    # Data: in-memory splits go to the device once; image folders stream through workers.
+    # Either way, batches are augmented on the device.
     data: ImageData = build("dataset", lambda: instantiate(cfg.dataset.load))
     if cfg.model.get("num_classes") != data.num_classes:
         raise ConfigError(
@@ -227,7 +338,7 @@ def train(cfg: DictConfig) -> float:
             f"lower trainer.batch_size"
         )
 
-    model = build("model", lambda: build_model(cfg.model)).to(device)
+    model = build("model", lambda: build_model(cfg.model, load_pretrained=ckpt is None)).to(device)
     transform = build(
         "dataset.augment",
         lambda: BatchTransform(
@@ -237,19 +348,20 @@ def train(cfg: DictConfig) -> float:
             **OmegaConf.to_container(cfg.dataset.augment),
         ),
     )
-    # Shuffling and augmentation draw from this generator only, so a run's batches depend
-    # on the seed alone.
+    # Shuffling and augmentation draw from this generator only, so the seed (or a
+    # checkpoint's copy of its state) decides every batch.
     data_generator = torch.Generator(device=device).manual_seed(int(cfg.seed))
-    train_loader = DeviceLoader(
-        train_split.to(device),
+    num_workers = cfg.dataset.get("num_workers")
+    num_workers = min(4, os.cpu_count() or 1) if num_workers is None else int(num_workers)
+    loader_args = {"transform": transform, "device": device, "num_workers": num_workers}
+    train_loader = make_loader(
+        train_split,
         batch_size=t.batch_size // t.grad_accum_steps,
-        transform=transform,
         train=True,
         generator=data_generator,
+        **loader_args,
     )
-    eval_loader = DeviceLoader(
-        eval_split.to(device), batch_size=t.eval_batch_size, transform=transform, train=False
-    )
+    eval_loader = make_loader(eval_split, batch_size=t.eval_batch_size, train=False, **loader_args)
 
     # Optimisation: no weight decay on norms, biases and embeddings; the schedule is a pure
     # function of the optimizer step.
@@ -271,12 +383,42 @@ def train(cfg: DictConfig) -> float:
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
     scaler = torch.amp.GradScaler(device.type, enabled=t.precision == "fp16")
     criterion = nn.CrossEntropyLoss(label_smoothing=float(t.label_smoothing))
+
+    # Resume: weights, optimizer, schedule, scaler, every RNG, and where in which epoch.
+    monitor = str(t.monitor)
+    maximize = not monitor.endswith("loss")
+    best_value, best_epoch = (-math.inf if maximize else math.inf), 0
+    global_step, train_seconds, start_epoch, start_step, resume_order = 0, 0.0, 1, 0, None
+    if ckpt is not None:
+        check_state_dict_fits(ckpt["model"], unwrap(model), f"in checkpoint {resume_path}")
+        unwrap(model).load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        scheduler.load_state_dict(ckpt["scheduler"])
+        scaler.load_state_dict(ckpt["scaler"])
+        set_rng_state(ckpt["rng"], data_generator)
+        global_step, train_seconds = ckpt["global_step"], ckpt["train_seconds"]
+        best_value, best_epoch = ckpt["best_metric"], ckpt["best_epoch"]
+        if ckpt["epoch_complete"]:
+            start_epoch = ckpt["epoch"] + 1
+        else:
+            start_epoch, start_step, resume_order = (
+                ckpt["epoch"],
+                ckpt["step_in_epoch"],
+                ckpt["order"].to(device),
+            )
+        log.info("resuming from %s: epoch %d, step %d", resume_path, start_epoch, global_step)
     forward = torch.compile(model) if t.compile else model
 
     # Records: the resolved config next to Hydra's, metrics.jsonl, optional W&B.
     config = OmegaConf.to_container(cfg, resolve=True)
     (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
-    loggers = build_loggers(cfg, run_dir, config)
+    loggers = build_loggers(
+        cfg,
+        run_dir,
+        config,
+        resume_step=global_step if ckpt else None,
+        run_ids=(ckpt or {}).get("logger_ids"),
+    )
     n_params = sum(p.numel() for p in model.parameters())
     log.info(
         "%.2fM params | %d train / %d %s images | %d epochs × %d steps × %d images | %s, %s | %s",
@@ -284,99 +426,146 @@ def train(cfg: DictConfig) -> float:
         t.batch_size, device, t.precision, run_dir,
     )  # fmt: skip
 
-    monitor = str(t.monitor)
-    maximize = not monitor.endswith("loss")
-    best_value, best_epoch = (-math.inf if maximize else math.inf), 0
-    global_step, train_seconds, eval_metrics = 0, 0.0, {}
-    try:
-        for epoch in range(1, max_epochs + 1):
-            model.train()
-            epoch_start = time.time()
-            batches = iter(train_loader)
-            steps = min(steps_per_epoch, total_steps - global_step)
-            bar = tqdm(
-                range(steps),
-                desc=f"epoch {epoch}/{max_epochs}",
-                leave=False,
-                disable=None if t.progress else True,
+    checkpointer = Checkpointer(run_dir, t.keep_last_k)
+    window = LossWindow(device)
+    skip_nonfinite = t.on_nonfinite == "skip"
+    eval_metrics: dict[str, float] = {}
+
+    def state(epoch: int, step_in_epoch: int, order: Tensor | None) -> dict:
+        return {
+            "model": unwrap(model).state_dict(),
+            "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(),
+            "scaler": scaler.state_dict(),
+            "epoch": epoch,
+            "step_in_epoch": step_in_epoch,
+            "epoch_complete": order is None,
+            "order": order,
+            "global_step": global_step,
+            "train_seconds": train_seconds + (time.time() - epoch_start),
+            "best_metric": best_value,
+            "best_epoch": best_epoch,
+            "rng": rng_state(data_generator),
+            "config": config,
+            "classes": data.classes,
+            "logger_ids": loggers.run_ids(),
+        }
+
+    def stop_if_nonfinite() -> None:
+        bad = window.first_nonfinite_step()
+        if bad is not None:
+            raise ConfigError(
+                f"the training loss or gradient became non-finite at step {bad}; stopped without saving. "
+                f"Last good checkpoint: {checkpointer.last_good or 'none yet'}. Lower optimizer.lr, keep "
+                f"trainer.grad_clip on, use trainer.precision=fp32, or set trainer.on_nonfinite=skip"
             )
-            # Losses are summed on the device and read once per log interval: no host sync per step.
-            epoch_loss = torch.zeros((), device=device)
-            window_loss = torch.zeros((), device=device)
-            window_steps, window_start = 0, time.time()
-            for i in bar:
-                for _ in range(t.grad_accum_steps):
-                    x, y = next(batches)
-                    with autocast:
-                        loss = criterion(forward(x), y) / t.grad_accum_steps
-                    scaler.scale(loss).backward()
-                    window_loss += loss.detach()
-                if t.grad_clip:
-                    scaler.unscale_(optimizer)
-                    nn.utils.clip_grad_norm_(model.parameters(), float(t.grad_clip))
-                scaler.step(optimizer)
-                scaler.update()
-                optimizer.zero_grad(set_to_none=True)
-                scheduler.step()
-                global_step += 1
-                window_steps += 1
-                if global_step % t.log_every_steps == 0 or i == steps - 1:  # and at the end of each epoch
-                    mean_loss = window_loss.item() / window_steps
-                    if not math.isfinite(mean_loss):
-                        raise ConfigError(
-                            f"the training loss became {mean_loss} by step {global_step}; lower "
-                            f"optimizer.lr, set trainer.grad_clip, or use trainer.precision=fp32"
-                        )
-                    lr = optimizer.param_groups[0]["lr"]
-                    elapsed = max(time.time() - window_start, 1e-9)
-                    loggers.log(
-                        {
-                            "train/loss": mean_loss,
-                            "train/lr": lr,
-                            "train/images_per_sec": window_steps * t.batch_size / elapsed,
-                            "epoch": epoch,
-                        },
-                        step=global_step,
+
+    def log_window(epoch: int) -> None:
+        mean_loss, steps, seconds = window.flush()
+        if steps:
+            lr = optimizer.param_groups[0]["lr"]
+            loggers.log(
+                {
+                    "train/loss": mean_loss,
+                    "train/lr": lr,
+                    "train/images_per_sec": steps * t.batch_size / seconds,
+                    "epoch": epoch,
+                },
+                step=global_step,
+            )
+            bar.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{lr:.2e}")
+
+    try:
+        with PreemptionGuard() as preemption:
+            for epoch in range(start_epoch, max_epochs + 1):
+                epoch_start = time.time()
+                steps = min(steps_per_epoch, total_steps - (epoch - 1) * steps_per_epoch)
+                first = start_step if epoch == start_epoch and resume_order is not None else 0
+                order = resume_order if first else train_loader.new_order()
+                batches = train_loader.iter_from(order, first * t.grad_accum_steps)
+                model.train()
+                bar = tqdm(
+                    range(first, steps),
+                    desc=f"epoch {epoch}/{max_epochs}",
+                    initial=first,
+                    total=steps,
+                    leave=False,
+                    disable=None if t.progress else True,
+                )
+                for i in bar:
+                    step_loss = torch.zeros((), device=device)
+                    for _ in range(t.grad_accum_steps):
+                        x, y = next(batches)
+                        with autocast:
+                            loss = criterion(forward(x), y) / t.grad_accum_steps
+                        scaler.scale(loss).backward()
+                        step_loss += loss.detach()
+                    finite = torch.isfinite(step_loss)
+                    if t.grad_clip:
+                        scaler.unscale_(optimizer)
+                        grad_norm = nn.utils.clip_grad_norm_(model.parameters(), float(t.grad_clip))
+                        if not scaler.is_enabled():  # fp16's scaler skips overflowing steps itself
+                            finite = finite & torch.isfinite(grad_norm)
+                    # Skipping must know now: one host sync per step, as fp16's GradScaler (which
+                    # skips by itself) does. Stopping need not: the window keeps a device-side
+                    # flag that is read at the next log point.
+                    if skip_nonfinite and not scaler.is_enabled() and not bool(finite):
+                        log.warning("step %d: non-finite loss or gradient; step skipped", global_step + 1)
+                    else:
+                        scaler.step(optimizer)
+                        scaler.update()
+                    optimizer.zero_grad(set_to_none=True)
+                    scheduler.step()
+                    global_step += 1
+                    window.add(step_loss, finite, global_step)
+                    at_checkpoint = preemption.requested or (
+                        t.checkpoint_every_steps
+                        and global_step % t.checkpoint_every_steps == 0
+                        and i < steps - 1
                     )
-                    bar.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{lr:.2e}")
-                    epoch_loss += window_loss
-                    window_loss.zero_()
-                    window_steps, window_start = 0, time.time()
-            bar.close()
-            train_seconds += time.time() - epoch_start
+                    if global_step % t.log_every_steps == 0 or i == steps - 1 or at_checkpoint:
+                        if not skip_nonfinite:
+                            stop_if_nonfinite()
+                        log_window(epoch)
+                    if at_checkpoint:
+                        # Mid-epoch: the epoch's order and the step within it let a resumed
+                        # run replay exactly the batches this one had left.
+                        checkpointer.save(state(epoch, i + 1, order), "last.pt")
+                        if preemption.requested:
+                            raise Preempted(
+                                preemption.signal_name,
+                                global_step,
+                                str(run_dir / "last.pt"),
+                                resume_command(run_dir),
+                            )
+                bar.close()
+                train_seconds += time.time() - epoch_start
+                epoch_start = time.time()
 
+                eval_metrics = {f"val/{k}": v for k, v in evaluate(model, eval_loader, autocast).items()}
+                loggers.log({**eval_metrics, "epoch": epoch}, step=global_step)
+                current = eval_metrics[monitor]
+                improved = current > best_value if maximize else current < best_value
+                if improved:
+                    best_value, best_epoch = current, epoch
+                log.info(
+                    "epoch %d/%d | train loss %.4f | %s loss %.4f acc1 %.4f acc5 %.4f | %s",
+                    epoch, max_epochs, window.end_epoch(), eval_name, eval_metrics["val/loss"],
+                    eval_metrics["val/acc1"], eval_metrics["val/acc5"],
+                    "new best" if improved else f"best {best_value:.4f} (epoch {best_epoch})",
+                )  # fmt: skip
+                end_state = state(epoch, steps, None)
+                checkpointer.save(end_state, "last.pt")
+                if improved:
+                    checkpointer.save(end_state, "best.pt")
+                if t.save_every_epoch:
+                    checkpointer.save(end_state, f"epoch{epoch}.pt")
+
+        if not eval_metrics:  # resumed a finished run: report it again
             eval_metrics = {f"val/{k}": v for k, v in evaluate(model, eval_loader, autocast).items()}
-            loggers.log({**eval_metrics, "epoch": epoch}, step=global_step)
-            current = eval_metrics[monitor]
-            improved = current > best_value if maximize else current < best_value
-            if improved:
-                best_value, best_epoch = current, epoch
-            log.info(
-                "epoch %d/%d | train loss %.4f | %s loss %.4f acc1 %.4f acc5 %.4f | %s",
-                epoch, max_epochs, epoch_loss.item() / max(1, steps), eval_name, eval_metrics["val/loss"],
-                eval_metrics["val/acc1"], eval_metrics["val/acc5"],
-                "new best" if improved else f"best {best_value:.4f} (epoch {best_epoch})",
-            )  # fmt: skip
-
-            state = {
-                "model": unwrap(model).state_dict(),
-                "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(),
-                "scaler": scaler.state_dict(),
-                "epoch": epoch,
-                "global_step": global_step,
-                "best_metric": best_value,
-                "config": config,
-                "rng": rng_state(data_generator),
-            }
-            save_checkpoint(state, run_dir / "last.pt")
-            if improved:
-                save_checkpoint(state, run_dir / "best.pt")
-            if t.save_every_epoch:
-                save_checkpoint(state, run_dir / f"epoch{epoch}.pt")
-
         images_per_sec = global_step * t.batch_size / max(train_seconds, 1e-9)
         summary = {
+            "completed": True,
             "best": {monitor: best_value, "epoch": best_epoch},
             "final": eval_metrics,
             "eval_split": eval_name,
@@ -389,6 +578,7 @@ def train(cfg: DictConfig) -> float:
             "device": str(device),
             "precision": t.precision,
             "run_dir": str(run_dir),
+            "resumed_from": str(resume_path) if resume_path else None,
             **git_state(),
         }
         write_json(run_dir / "summary.json", summary)

@@ -715,3 +715,9 @@ def load_pretrained(model: VisionTransformer, path: str | os.PathLike[str], fmt:
         )
     load_converted(model, CONVERTERS[fmt](raw), source=str(path))
     logger.info("loaded %s weights from %s", fmt, path)
+
+
+def check_state_dict_fits(state_dict: Mapping[str, Tensor], model: torch.nn.Module, source: str) -> None:
+    """Raise a one-line ConfigError naming the first key whose shape differs (with both shapes),
+    or the missing/unexpected keys, when `state_dict` cannot load strictly into `model`."""
+    _check_fits(state_dict, model.state_dict(), source)

@@ -1,0 +1,346 @@
+"""Resume, preemption, checkpoint hygiene, numerical faults and clear errors for bad input."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+from tests.conftest import REPO, TINY_MODEL, run_cli
+from vitexp.checkpoint import load_checkpoint
+from vitexp.errors import ConfigError
+from vitexp.preemption import EXIT_PREEMPTED
+from vitexp.train import train
+
+# Dropout, drop path, crops and flips all draw random numbers: resume must restore every RNG.
+RESUMABLE = [
+    "dataset=fake", "model=vit_ti4", "model.img_size=32", "model.hidden_size=64", "model.mlp_dim=128",
+    "model.num_heads=2", "model.num_layers=3", "model.dropout_rate=0.1", "model.drop_path_rate=0.1",
+    "dataset.augment.crop_padding=2", "dataset.augment.hflip=true", "trainer.batch_size=32",
+    "trainer.max_epochs=2", "trainer.log_every_steps=1", "trainer.checkpoint_every_steps=4",
+    "trainer.progress=false",
+]  # fmt: skip
+STEPS = 2 * (1024 // 32)
+
+
+def rows(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def curve(run_dir: Path) -> tuple[list, list]:
+    """Per-step train losses and per-epoch eval metrics (timings left out)."""
+    records = rows(run_dir)
+    losses = [(r["step"], r["train/loss"]) for r in records if "train/loss" in r]
+    evals = [(r["step"], r["val/loss"], r["val/acc1"], r["val/acc5"]) for r in records if "val/loss" in r]
+    return losses, evals
+
+
+def start(run_dir: Path, *extra: str) -> subprocess.Popen:
+    env = {**os.environ, "WANDB_MODE": "disabled", "PYTHONUNBUFFERED": "1"}
+    return subprocess.Popen(
+        [sys.executable, "-m", "vitexp", *RESUMABLE, *extra, f"hydra.run.dir={run_dir}"],
+        cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )  # fmt: skip
+
+
+def wait_for_step(proc: subprocess.Popen, run_dir: Path, step: int, timeout: float = 120) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            pytest.fail(f"the run ended before step {step}:\n{proc.stdout.read()[-3000:]}")
+        metrics = run_dir / "metrics.jsonl"
+        if metrics.is_file() and any(f'"step": {step},' in line for line in metrics.read_text().splitlines()):
+            return
+        time.sleep(0.002)
+    pytest.fail(f"no step {step} within {timeout} s")
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory) -> Path:
+    run_dir = tmp_path_factory.mktemp("reference")
+    result = run_cli(*RESUMABLE, "trainer.save_every_epoch=true", f"hydra.run.dir={run_dir}")
+    assert result.returncode == 0, result.stdout[-3000:]
+    return run_dir
+
+
+def assert_same_run(run_dir: Path, reference: Path) -> None:
+    assert curve(run_dir) == curve(reference)
+    ours, theirs = (
+        load_checkpoint(run_dir / "last.pt")["model"],
+        load_checkpoint(reference / "last.pt")["model"],
+    )
+    assert ours.keys() == theirs.keys()
+    assert all(torch.equal(ours[k], theirs[k]) for k in ours), "final weights differ"
+    summary, ref_summary = (json.loads((d / "summary.json").read_text()) for d in (run_dir, reference))
+    assert summary["final"] == ref_summary["final"] and summary["best"] == ref_summary["best"]
+
+
+def test_sigkill_mid_epoch_then_resume_matches_an_uninterrupted_run(reference, tmp_path):
+    run_dir = tmp_path / "run"
+    proc = start(run_dir)
+    wait_for_step(proc, run_dir, 42)  # epoch 2, after the step-40 checkpoint
+    proc.kill()
+    proc.wait()
+    assert not (run_dir / "summary.json").exists(), "the run finished before it was killed"
+    ckpt = load_checkpoint(run_dir / "last.pt")
+    assert ckpt["epoch"] == 2 and 0 < ckpt["step_in_epoch"] < 32 and not ckpt["epoch_complete"]
+    resumed = run_cli(*RESUMABLE, f"hydra.run.dir={run_dir}", "trainer.resume=auto")
+    assert resumed.returncode == 0, resumed.stdout[-3000:]
+    assert "resuming from" in resumed.stdout
+    assert_same_run(run_dir, reference)
+
+
+def test_sigterm_checkpoints_at_the_step_boundary_and_says_how_to_resume(reference, tmp_path):
+    run_dir = tmp_path / "run"
+    proc = start(run_dir)
+    wait_for_step(proc, run_dir, 10)
+    proc.send_signal(signal.SIGTERM)
+    output = proc.communicate(timeout=60)[0]
+    assert proc.returncode == EXIT_PREEMPTED, output[-3000:]
+    assert "SIGTERM received" in output and "Resume with: python -m vitexp" in output
+    ckpt = load_checkpoint(run_dir / "last.pt")
+    assert ckpt["global_step"] >= 10 and not ckpt["epoch_complete"]
+    command = output.split("Resume with: ")[1].splitlines()[0]
+    assert f"hydra.run.dir={run_dir}" in command and command.endswith("trainer.resume=auto")
+    resumed = run_cli(*RESUMABLE, f"hydra.run.dir={run_dir}", "trainer.resume=auto")
+    assert resumed.returncode == 0, resumed.stdout[-3000:]
+    assert_same_run(run_dir, reference)
+
+
+def test_resume_from_a_checkpoint_path_into_a_new_run_dir(reference, tmp_path):
+    """trainer.resume=PATH continues from any checkpoint (the reference's epoch-1 file here)
+    in a new run dir, which then logs only what it trained."""
+    run_dir = tmp_path / "continued"
+    result = run_cli(*RESUMABLE, f"trainer.resume={reference}/epoch1.pt", f"hydra.run.dir={run_dir}")
+    assert result.returncode == 0, result.stdout[-3000:]
+    weights = load_checkpoint(run_dir / "last.pt")["model"]
+    ref = load_checkpoint(reference / "last.pt")["model"]
+    assert all(torch.equal(weights[k], ref[k]) for k in ref)
+    assert min(r["step"] for r in rows(run_dir)) == 33
+
+
+def test_resume_auto_of_a_finished_run_trains_nothing(reference, tmp_path):
+    import shutil
+
+    run_dir = tmp_path / "done"
+    shutil.copytree(reference, run_dir)
+    before = (run_dir / "last.pt").read_bytes()
+    result = run_cli(*RESUMABLE, f"hydra.run.dir={run_dir}", "trainer.resume=auto")
+    assert result.returncode == 0 and "epoch 1/2" not in result.stdout
+    assert (run_dir / "last.pt").read_bytes() == before
+    assert json.loads((run_dir / "summary.json").read_text())["completed"]
+
+
+def test_resume_auto_without_a_checkpoint_starts_fresh(cfg_factory):
+    cfg = cfg_factory("dataset=fake", *TINY_MODEL, "model.img_size=16", "trainer.max_steps=2",
+                      "trainer.batch_size=32", "trainer.resume=auto", "trainer.progress=false")  # fmt: skip
+    train(cfg)
+    assert load_checkpoint(Path(cfg.run_dir) / "last.pt")["global_step"] == 2
+
+
+def test_second_signal_exits_at_once(tmp_path):
+    script = (
+        "import os, signal, time\n"
+        "from vitexp.preemption import PreemptionGuard\n"
+        "with PreemptionGuard() as guard:\n"
+        "    os.kill(os.getpid(), signal.SIGUSR1)\n"
+        "    assert guard.requested and guard.signal_name == 'SIGUSR1'\n"
+        "    print('first signal noted', flush=True)\n"
+        "    os.kill(os.getpid(), signal.SIGUSR1)\n"
+        "    time.sleep(5)\n"
+        "    print('not reached')\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=60
+    )
+    assert "first signal noted" in result.stdout and "not reached" not in result.stdout
+    assert result.returncode == 128 + signal.SIGUSR1
+
+
+def test_guard_restores_the_previous_handlers():
+    from vitexp.preemption import PreemptionGuard
+
+    before = signal.getsignal(signal.SIGTERM)
+    with PreemptionGuard():
+        assert signal.getsignal(signal.SIGTERM) is not before
+    assert signal.getsignal(signal.SIGTERM) is before
+
+
+# --------------------------------------------------------------------------- checkpoints
+
+TINY_RUN = [*TINY_MODEL, "model.img_size=16", "trainer.batch_size=64", "trainer.progress=false"]
+FAST = ["dataset=fake", *TINY_RUN]
+
+
+def test_keep_last_k_bounds_epoch_checkpoints(cfg_factory):
+    cfg = cfg_factory(*FAST, "trainer.max_epochs=4", "trainer.save_every_epoch=true", "trainer.keep_last_k=2")
+    train(cfg)
+    assert sorted(p.name for p in Path(cfg.run_dir).glob("epoch*.pt")) == ["epoch3.pt", "epoch4.pt"]
+
+
+def test_disk_full_keeps_the_previous_checkpoint_and_says_so(cfg_factory, monkeypatch, caplog):
+    import vitexp.train
+
+    real_save, calls = vitexp.train.save_checkpoint, []
+
+    def save(state, path):
+        calls.append(Path(path).name)
+        if len(calls) > 2:  # epoch 1 saves last.pt and best.pt; later writes find the disk full
+            raise OSError(28, "No space left on device")
+        real_save(state, path)
+
+    monkeypatch.setattr(vitexp.train, "save_checkpoint", save)
+    cfg = cfg_factory(*FAST, "trainer.max_epochs=3")
+    with caplog.at_level(logging.WARNING, logger="vitexp.train"):
+        train(cfg)
+    assert load_checkpoint(Path(cfg.run_dir) / "last.pt")["epoch"] == 1
+    assert "(No space left on device); the previous last.pt is kept" in caplog.text
+    assert json.loads((Path(cfg.run_dir) / "summary.json").read_text())["epochs"] == 3
+
+
+def test_resume_from_another_architecture_names_the_key_and_shapes(cfg_factory, tmp_path):
+    first = cfg_factory(*FAST, "trainer.max_steps=1")
+    train(first)
+    other = cfg_factory(*FAST, "trainer.max_steps=2", "model.hidden_size=48", "model.mlp_dim=96",
+                        f"trainer.resume={first.run_dir}/last.pt")  # fmt: skip
+    other.run_dir = str(tmp_path / "other")
+    with pytest.raises(
+        ConfigError, match=r"is \(32, 3, 4, 4\) in the file but \(48, 3, 4, 4\) in the model"
+    ) as e:
+        train(other)
+    assert "\n" not in str(e.value)
+
+
+def test_resume_from_a_corrupt_or_missing_checkpoint(cfg_factory, tmp_path):
+    broken = tmp_path / "broken.pt"
+    broken.write_bytes(b"PK\x03\x04 not really a checkpoint")
+    with pytest.raises(ConfigError, match="truncated or corrupt"):
+        train(cfg_factory(*FAST, f"trainer.resume={broken}"))
+    with pytest.raises(ConfigError, match="no such checkpoint"):
+        train(cfg_factory(*FAST, f"trainer.resume={tmp_path}/nope.pt"))
+
+
+# --------------------------------------------------------------------------- numerical faults
+
+
+@pytest.fixture
+def nan_at_step_5(monkeypatch):
+    """Make the 5th training loss NaN (evaluation uses F.cross_entropy, not the module)."""
+    real, calls = torch.nn.CrossEntropyLoss.forward, []
+
+    def forward(self, logits, target):
+        calls.append(1)
+        loss = real(self, logits, target)
+        return loss * float("nan") if len(calls) == 5 else loss
+
+    monkeypatch.setattr(torch.nn.CrossEntropyLoss, "forward", forward)
+
+
+def test_nonfinite_loss_stops_naming_the_step_and_the_last_good_checkpoint(cfg_factory, nan_at_step_5):
+    cfg = cfg_factory(
+        *FAST, "trainer.max_steps=8", "trainer.checkpoint_every_steps=2", "trainer.log_every_steps=3"
+    )
+    with pytest.raises(ConfigError) as e:
+        train(cfg)
+    message = str(e.value)
+    assert (
+        "non-finite at step 5" in message
+        and f"Last good checkpoint: {cfg.run_dir}/last.pt (step 4)" in message
+    )
+    assert "trainer.on_nonfinite=skip" in message
+    ckpt = load_checkpoint(Path(cfg.run_dir) / "last.pt")
+    assert ckpt["global_step"] == 4
+    assert all(torch.isfinite(v).all() for v in ckpt["model"].values())
+
+
+def test_nonfinite_loss_can_skip_the_step(cfg_factory, nan_at_step_5, caplog):
+    cfg = cfg_factory(*FAST, "trainer.max_steps=8", "trainer.on_nonfinite=skip")
+    with caplog.at_level(logging.WARNING, logger="vitexp.train"):
+        train(cfg)
+    assert "step 5: non-finite loss or gradient; step skipped" in caplog.text
+    ckpt = load_checkpoint(Path(cfg.run_dir) / "last.pt")
+    assert ckpt["global_step"] == 8
+    assert all(torch.isfinite(v).all() for v in ckpt["model"].values())
+    assert all(r["train/loss"] == r["train/loss"] for r in rows(Path(cfg.run_dir)) if "train/loss" in r)
+
+
+# --------------------------------------------------------------------------- bad input
+
+
+@pytest.mark.parametrize(
+    ("args", "message", "a_valid_choice"),
+    [
+        (["model=vit_zz9"], "error: unknown model 'vit_zz9': choose one of ", "vit_b16"),
+        (["dataset=imagenet"], "error: unknown dataset 'imagenet': choose one of ", "cifar100"),
+        (["optimizer=adam"], "error: unknown optimizer 'adam': choose one of adamw, sgd", "adamw"),
+        (["-m", "model=vit_ti4,vit_q"], "error: unknown model 'vit_q': choose one of ", "vit_ti4"),
+    ],
+)
+def test_unknown_names_list_the_choices_in_one_line(args, message, a_valid_choice):
+    result = run_cli(*args)
+    assert result.returncode == 2
+    error = result.stderr.strip()
+    assert error.startswith(message) and len(error.splitlines()) == 1
+    assert a_valid_choice in error.split("choose one of ")[1].split(", ")
+
+
+def _image_folder(root: Path, broken: bool = False) -> Path:
+    for split in ("train", "val"):
+        for label, color in enumerate(("red", "blue")):
+            folder = root / split / f"class{label}"
+            folder.mkdir(parents=True)
+            for i in range(6 if split == "train" else 2):
+                Image.new("RGB", (20 + i, 16), color).save(folder / f"{i}.png")
+    if broken:
+        (root / "train" / "class1" / "broken.jpg").write_bytes(b"\xff\xd8\xff not a jpeg")
+    return root
+
+
+def test_imagefolder_trains_through_workers(cfg_factory, tmp_path):
+    root = _image_folder(tmp_path / "images")
+    cfg = cfg_factory(
+        "dataset=imagefolder", f"dataset.root={root}", "dataset.num_classes=2", "dataset.num_workers=1",
+        *TINY_RUN, "trainer.batch_size=4", "trainer.max_epochs=2",
+    )  # fmt: skip
+    train(cfg)
+    summary = json.loads((Path(cfg.run_dir) / "summary.json").read_text())
+    assert summary["steps"] == 6 and 0 <= summary["final"]["val/acc1"] <= 1
+
+
+def test_imagefolder_without_images_says_what_it_expected(cfg_factory, tmp_path):
+    (tmp_path / "empty" / "train" / "cat").mkdir(parents=True)
+    (tmp_path / "empty" / "val").mkdir(parents=True)
+    cfg = cfg_factory(
+        "dataset=imagefolder", f"dataset.root={tmp_path / 'empty'}", "dataset.num_classes=1", *TINY_RUN
+    )
+    with pytest.raises(ConfigError, match=r"no images found under .*train: expected one folder per class"):
+        train(cfg)
+
+
+def test_unreadable_image_fails_naming_the_file(cfg_factory, tmp_path):
+    root = _image_folder(tmp_path / "images", broken=True)
+    cfg = cfg_factory("dataset=imagefolder", f"dataset.root={root}", "dataset.num_classes=2", *TINY_RUN,
+                      "trainer.batch_size=13", "trainer.max_steps=1")  # fmt: skip
+    with pytest.raises(
+        ConfigError, match=r"cannot read image .*class1/broken.jpg .*dataset.on_error=skip"
+    ) as e:
+        train(cfg)
+    assert "\n" not in str(e.value)
+
+
+def test_unreadable_image_can_be_skipped_with_a_warning(cfg_factory, tmp_path, caplog):
+    root = _image_folder(tmp_path / "images", broken=True)
+    cfg = cfg_factory("dataset=imagefolder", f"dataset.root={root}", "dataset.num_classes=2", *TINY_RUN,
+                      "dataset.on_error=skip", "trainer.batch_size=13", "trainer.max_steps=1")  # fmt: skip
+    with caplog.at_level(logging.WARNING, logger="vitexp.data"):
+        train(cfg)
+    assert "skipping unreadable image" in caplog.text and "broken.jpg" in caplog.text
