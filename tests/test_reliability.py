@@ -45,7 +45,7 @@ def curve(run_dir: Path) -> tuple[list, list]:
 
 
 def start(run_dir: Path, *extra: str) -> subprocess.Popen:
-    env = {**os.environ, "WANDB_MODE": "disabled", "PYTHONUNBUFFERED": "1"}
+    env = {**os.environ, "WANDB_MODE": "offline", "PYTHONUNBUFFERED": "1"}
     return subprocess.Popen(
         [sys.executable, "-m", "vitexp", *RESUMABLE, *extra, f"hydra.run.dir={run_dir}"],
         cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
@@ -100,8 +100,9 @@ def test_sigkill_mid_epoch_then_resume_matches_an_uninterrupted_run(reference, t
 
 
 def test_sigterm_checkpoints_at_the_step_boundary_and_says_how_to_resume(reference, tmp_path):
+    """Also with W&B (offline): the resumed run continues the same W&B run id."""
     run_dir = tmp_path / "run"
-    proc = start(run_dir)
+    proc = start(run_dir, "logger=wandb")
     wait_for_step(proc, run_dir, 10)
     proc.send_signal(signal.SIGTERM)
     output = proc.communicate(timeout=60)[0]
@@ -111,9 +112,13 @@ def test_sigterm_checkpoints_at_the_step_boundary_and_says_how_to_resume(referen
     assert ckpt["global_step"] >= 10 and not ckpt["epoch_complete"]
     command = output.split("Resume with: ")[1].splitlines()[0]
     assert f"hydra.run.dir={run_dir}" in command and command.endswith("trainer.resume=auto")
-    resumed = run_cli(*RESUMABLE, f"hydra.run.dir={run_dir}", "trainer.resume=auto")
+    wandb_id = ckpt["logger_ids"]["wandb"]
+    resumed = run_cli(*RESUMABLE, "logger=wandb", f"hydra.run.dir={run_dir}", "trainer.resume=auto",
+                      env={"WANDB_MODE": "offline"})  # fmt: skip
     assert resumed.returncode == 0, resumed.stdout[-3000:]
     assert_same_run(run_dir, reference)
+    runs = sorted((run_dir / "wandb").glob("offline-run-*"))
+    assert len(runs) == 2 and all(r.name.endswith(f"-{wandb_id}") for r in runs)
 
 
 def test_resume_from_a_checkpoint_path_into_a_new_run_dir(reference, tmp_path):

@@ -124,6 +124,7 @@ def test_evaluate_counts_the_true_number_of_samples():
             "trainer.batch_size=4096 is larger than the training set (1024 images)",
         ),
         (["optimizer.lr=0"], "optimizer.lr=0 must be positive"),
+        (["trainer.batch_size=0"], "trainer.batch_size=0 must be positive"),
         (["trainer.max_epochs=-1"], "trainer.max_epochs=-1 must be positive"),
         (
             ["trainer.batch_size=30", "trainer.grad_accum_steps=4"],

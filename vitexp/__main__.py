@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 import sys
+from pathlib import Path
 
 import hydra
 from hydra.core.config_store import ConfigStore
@@ -57,17 +58,30 @@ def check_group_choices(args: list[str]) -> str | None:
 def _hydra_main(cfg: DictConfig) -> float:
     from vitexp.train import train
 
+    multirun = HydraConfig.get().mode.name == "MULTIRUN"
     try:
         return train(cfg)
     except ConfigError as e:
         log.error("error: %s", e)
-        if HydraConfig.get().mode.name == "MULTIRUN":
-            raise  # Hydra records the failed job; the sweep goes on with the others.
-        sys.exit(2)
+        if not multirun:
+            sys.exit(2)
+        return _failed_job(f"error: {e}")
     except Preempted as e:
         # Stop the whole process (a sweep too): the scheduler wants the machine back.
         log.warning("%s", e)
         sys.exit(EXIT_PREEMPTED)
+    except Exception as e:
+        if not multirun:
+            raise
+        log.exception("job failed")  # a bug, not a setting: keep the traceback in the job's log
+        return _failed_job(f"{type(e).__name__}: {e}".splitlines()[0])
+
+
+def _failed_job(message: str) -> float:
+    """In a sweep a failed job is recorded (error.txt, listed by the sweep summary) and the
+    sweep goes on; NaN tells sweepers such as Optuna that the trial failed."""
+    (Path(HydraConfig.get().runtime.output_dir) / "error.txt").write_text(message + "\n")
+    return float("nan")
 
 
 def main() -> float | None:

@@ -16,6 +16,8 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+import torch
+
 log = logging.getLogger(__name__)
 
 
@@ -39,6 +41,9 @@ class JsonlLogger:
 
     def summary(self, values: Mapping[str, Any]) -> None:
         """The summary lives in summary.json, written by the training loop."""
+
+    def images(self, name: str, images: list[tuple[Any, str]], step: int) -> None:
+        """Pictures stay in the run dir (attention.png); nothing to add to metrics.jsonl."""
 
     def finish(self) -> None:
         self._file.close()
@@ -123,6 +128,18 @@ class WandbLogger:
     def summary(self, values: Mapping[str, Any]) -> None:
         self._guard("summary", self.run.summary.update, dict(values))
 
+    def images(self, name: str, images: list[tuple[Any, str]], step: int) -> None:
+        """`images`: (uint8 (C, H, W) tensor or image file, caption) pairs."""
+
+        def to_wandb(image: Any, caption: str) -> Any:
+            if isinstance(image, torch.Tensor):
+                image = image.permute(1, 2, 0).squeeze(-1).numpy()
+            else:
+                image = str(image)
+            return self._wandb.Image(image, caption=caption)
+
+        self._guard("images", lambda: self.run.log({name: [to_wandb(i, c) for i, c in images]}, step=step))
+
     def finish(self) -> None:
         self._guard("finish", self.run.finish)
 
@@ -150,6 +167,10 @@ class Loggers:
     def summary(self, values: Mapping[str, Any]) -> None:
         for logger in self.loggers:
             logger.summary(values)
+
+    def images(self, name: str, images: list[tuple[Any, str]], step: int) -> None:
+        for logger in self.loggers:
+            logger.images(name, images, step)
 
     def finish(self) -> None:
         for logger in self.loggers:

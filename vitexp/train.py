@@ -165,7 +165,8 @@ def build_loggers(
     for key, logger_cfg in (cfg.get("logger") or {}).items():
         extra = {
             "run_dir": str(run_dir),
-            "run_config": config,
+            # The code version goes with the config: W&B shows it beside every hyperparameter.
+            "run_config": {**config, "git": git_state()},
             "name": logger_cfg.get("name") or names["name"],
             "group": logger_cfg.get("group") or names["group"],
         }
@@ -294,6 +295,39 @@ def evaluate(model: nn.Module, loader: Any, autocast: contextlib.AbstractContext
         correct5 += (top == y[:, None]).any(dim=1).sum()
         count += len(y)
     return {"loss": loss_sum.item() / count, "acc1": correct1.item() / count, "acc5": correct5.item() / count}
+
+
+@torch.no_grad()
+def log_sample_predictions(
+    model: nn.Module,
+    split: Any,
+    transform: BatchTransform,
+    classes: list[str],
+    run_dir: Path,
+    loggers: Loggers,
+    step: int,
+) -> None:
+    """A fixed handful of eval images (one per class first) with their predicted classes go to
+    the loggers; for models with attention maps, the same images' maps go to attention.png in
+    the run dir (and the loggers). A figure that fails warns: it never costs the run."""
+    from vitexp.attention import has_attention_maps, sample_images, save_attention_grid
+
+    try:
+        images, labels = sample_images(split, 8)
+        device = next(model.parameters()).device
+        x = torch.cat([transform.eval(img[None].to(device)) for img in images])
+        model.eval()
+        predicted = model(x).argmax(dim=1).tolist()
+        samples = [
+            (img.cpu(), f"predicted {classes[p]} / true {classes[t]}")
+            for img, p, t in zip(images, predicted, labels.tolist(), strict=True)
+        ]
+        loggers.images("val/predictions", samples, step=step)
+        if has_attention_maps(model):
+            path = save_attention_grid(model, images, transform, run_dir / "attention.png", classes, labels)
+            loggers.images("val/attention", [(path, "attention rollout and last-layer heads")], step=step)
+    except Exception as e:  # a picture is not worth a failed run
+        log.warning("could not draw the sample predictions (%s: %s)", type(e).__name__, e)
 
 
 # --------------------------------------------------------------------------- the run
@@ -563,6 +597,10 @@ def train(cfg: DictConfig) -> float:
 
         if not eval_metrics:  # resumed a finished run: report it again
             eval_metrics = {f"val/{k}": v for k, v in evaluate(model, eval_loader, autocast).items()}
+        if t.sample_figures:
+            log_sample_predictions(
+                unwrap(model), eval_split, transform, data.classes, run_dir, loggers, global_step
+            )
         images_per_sec = global_step * t.batch_size / max(train_seconds, 1e-9)
         summary = {
             "completed": True,

@@ -1,0 +1,270 @@
+"""Evaluate a trained checkpoint: loss, top-1, top-5, per-class accuracy, confusion matrix.
+
+    python -m vitexp.evaluate checkpoint=PATH                       (its own dataset, test split)
+    python -m vitexp.evaluate checkpoint=PATH split=train
+    python -m vitexp.evaluate checkpoint=PATH dataset=cifar10 dataset.root=../shared/data
+
+The model is rebuilt from the config stored in the checkpoint and scored with the training
+loop's own `vitexp.train.evaluate` (the same definitions as the per-epoch metrics), on the
+CPU if no GPU is present whatever device trained it. Any dataset with the same number of
+classes and channels works; images are resized to the model's input size and normalised
+with the training run's mean and std.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import hydra
+import torch
+from hydra.core.hydra_config import HydraConfig
+from matplotlib.figure import Figure
+from omegaconf import DictConfig
+from torch import Tensor, nn
+
+from vitexp.config import conf_dir
+from vitexp.data import FileSplit, ImageData, Split, carve_validation, make_loader
+from vitexp.errors import ConfigError
+from vitexp.inference import (
+    TrainedModel,
+    as_trained,
+    dataset_from_cfg,
+    default_output,
+    one_line_errors,
+    split_channels,
+)
+
+log = logging.getLogger("vitexp.evaluate")
+
+SPLITS = ("test", "train", "val")
+
+
+class _KeepPredictions(nn.Module):
+    """Passes the logits through and keeps each batch's top class, so that the training
+    loop's `evaluate` gives the metrics and the confusion matrix comes from the same pass."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+        self.predictions: list[Tensor] = []
+
+    def forward(self, x: Tensor) -> Tensor:
+        logits = self.model(x)
+        self.predictions.append(logits.float().argmax(dim=1))
+        return logits
+
+
+class _KeepLabels:
+    """Passes a loader's batches through and keeps their labels: an image folder read with
+    `on_error=skip` scores fewer images than its split lists, and the confusion matrix must
+    pair each prediction with its own label."""
+
+    def __init__(self, loader: Any) -> None:
+        self.loader = loader
+        self.device = loader.device
+        self.labels: list[Tensor] = []
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
+        for x, y in self.loader:
+            self.labels.append(y)
+            yield x, y
+
+
+def confusion_matrix(labels: Tensor, predictions: Tensor, num_classes: int) -> Tensor:
+    """Counts (num_classes, num_classes): row = true class, column = predicted class."""
+    flat = labels.long() * num_classes + predictions.long()
+    return torch.bincount(flat, minlength=num_classes * num_classes).reshape(num_classes, num_classes)
+
+
+def select_split(data: ImageData, split: str, val_split: float, seed: int) -> Split | FileSplit:
+    """`train`, `test`, or `val`: the images a run with `dataset.val_split` held out of the
+    training set (the same seeded choice as `vitexp.train`)."""
+    if split not in SPLITS:
+        raise ConfigError(f"split={split!r} is not one of {', '.join(SPLITS)}")
+    if split == "val":
+        if not val_split:
+            raise ConfigError(
+                "split=val needs dataset.val_split > 0 (the checkpoint's run held out no validation "
+                "images); use split=test, or give dataset.val_split"
+            )
+        return carve_validation(data.train, float(val_split), seed=seed)[1]
+    return getattr(data, split)
+
+
+def save_confusion_png(matrix: Tensor, classes: list[str], path: Path, title: str) -> Path:
+    """The confusion matrix as a PNG, each row scaled to the fraction of its true class
+    (counts written in the cells when there are at most 20 classes)."""
+    k = len(classes)
+    counts = matrix.double()
+    fractions = counts / counts.sum(dim=1, keepdim=True).clamp(min=1)
+    side = min(20.0, max(5.0, 0.4 * k + 2.5))
+    fig = Figure(figsize=(side + 1.2, side), dpi=100, layout="constrained")
+    ax = fig.subplots()
+    image = ax.imshow(fractions.numpy(), cmap="Blues", vmin=0, vmax=1, interpolation="nearest")
+    fig.colorbar(image, ax=ax, shrink=0.8, label="fraction of the true class")
+    ax.set_xlabel("predicted class")
+    ax.set_ylabel("true class")
+    ax.set_title(title, fontsize=10)
+    if k <= 30:
+        ax.set_xticks(range(k), classes, rotation=90, fontsize=8)
+        ax.set_yticks(range(k), classes, fontsize=8)
+    if k <= 20:
+        for i in range(k):
+            for j in range(k):
+                if matrix[i, j]:
+                    ax.text(j, i, str(int(matrix[i, j])), ha="center", va="center", fontsize=7,
+                            color="white" if fractions[i, j] > 0.5 else "black")  # fmt: skip
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    return path
+
+
+def evaluate_checkpoint(
+    checkpoint: str | Path | TrainedModel,
+    data: ImageData | None = None,
+    *,
+    split: str = "test",
+    val_split: float | None = None,
+    output: str | Path | None = None,
+    batch_size: int = 256,
+    device: str = "auto",
+    precision: str = "fp32",
+    num_workers: int | None = None,
+) -> dict[str, Any]:
+    """Evaluate `checkpoint` on a split of `data` (None: the dataset stored in the checkpoint).
+
+    Writes the report as JSON to `output` (default: next to the checkpoint,
+    `<stem>_eval_<split>.json`) and the confusion matrix beside it (`..._confusion.png`), and
+    returns the report. `val_split` (for split=val) and `num_workers` (decoding image folders)
+    default to the checkpoint's dataset config.
+    """
+    from vitexp.train import autocast_context, evaluate
+
+    if batch_size <= 0:
+        raise ConfigError(f"batch_size={batch_size} must be positive")
+    trained = as_trained(checkpoint, device)
+    checkpoint = trained.path
+    config = trained.config
+    if data is None:
+        data = trained.load_dataset()
+    if data.num_classes != trained.num_classes:
+        raise ConfigError(
+            f"{checkpoint.name} predicts {trained.num_classes} classes but the dataset has "
+            f"{data.num_classes}; evaluate on a dataset with the same classes"
+        )
+    if val_split is None:
+        val_split = float(config["dataset"].get("val_split") or 0.0)
+    chosen = select_split(data, split, val_split, seed=int(config.get("seed", 0)))
+    if len(chosen) == 0:
+        raise ConfigError(f"the {split} split is empty")
+    if split_channels(chosen) != trained.in_channels:
+        raise ConfigError(
+            f"the dataset's images have {split_channels(chosen)} channels but {checkpoint.name}'s model "
+            f"takes {trained.in_channels}; evaluate on a dataset like the one it was trained on"
+        )
+    # The checkpoint's names define the model's outputs; the dataset's fill in when it has none.
+    classes = trained.classes
+    if classes == [str(i) for i in range(trained.num_classes)]:
+        classes = list(data.classes)
+    elif list(data.classes) != classes and data.classes != [str(i) for i in range(data.num_classes)]:
+        log.warning("the dataset's class names differ from the checkpoint's; reporting the checkpoint's")
+
+    if num_workers is None:
+        num_workers = int(config["dataset"].get("num_workers") or 0)
+    loader = make_loader(
+        chosen,
+        batch_size=batch_size,
+        transform=trained.transform,
+        train=False,
+        device=trained.device,
+        num_workers=num_workers,
+    )
+    recorder, batches = _KeepPredictions(trained.model), _KeepLabels(loader)
+    metrics = evaluate(recorder, batches, autocast_context(trained.device, precision))
+    predictions = torch.cat(recorder.predictions).cpu()
+    labels = torch.cat(batches.labels).cpu()
+    matrix = confusion_matrix(labels, predictions, trained.num_classes)
+    per_class = []
+    for i, name in enumerate(classes):
+        count, correct = int(matrix[i].sum()), int(matrix[i, i])
+        per_class.append(
+            {
+                "class": name,
+                "count": count,
+                "correct": correct,
+                "accuracy": correct / count if count else None,
+            }
+        )
+    seen = [c["accuracy"] for c in per_class if c["accuracy"] is not None]
+
+    report_path = Path(output) if output is not None else default_output(checkpoint, f"eval_{split}.json")
+    png_path = report_path.with_name(f"{report_path.stem}_confusion.png")
+    report: dict[str, Any] = {
+        "checkpoint": str(checkpoint),
+        **{k: v for k, v in trained.info.items() if k in ("epoch", "global_step")},
+        "split": split,
+        "num_samples": len(labels),
+        "loss": metrics["loss"],
+        "acc1": metrics["acc1"],
+        "acc5": metrics["acc5"],
+        "mean_class_accuracy": sum(seen) / len(seen) if seen else None,
+        "per_class": per_class,
+        "classes": classes,
+        "confusion_matrix": matrix.tolist(),  # rows: true class, columns: predicted class
+        "report": str(report_path),
+        "confusion_png": str(png_path),
+        "device": str(trained.device),
+        "precision": precision,
+    }
+    save_confusion_png(
+        matrix,
+        classes,
+        png_path,
+        f"{checkpoint.name} on {split} ({len(labels)} images): acc@1 {metrics['acc1']:.2%}",
+    )
+    report_path.parent.mkdir(parents=True, exist_ok=True)
+    report_path.write_text(json.dumps(report, indent=2) + "\n")
+    return report
+
+
+@hydra.main(version_base="1.3", config_path=str(conf_dir()), config_name="evaluate")
+def main(cfg: DictConfig) -> None:
+    with one_line_errors(cfg):
+        trained = as_trained(cfg.checkpoint, str(cfg.device))
+        data = dataset_from_cfg(cfg, trained)
+        val_split, num_workers, output = None, None, cfg.output
+        if data is not None:
+            val_split = float(cfg.dataset.get("val_split") or 0.0)
+            num_workers = int(cfg.dataset.get("num_workers") or 0)
+            if output is None:
+                # Named after the dataset too, so it does not overwrite the report on the run's own.
+                name = HydraConfig.get().runtime.choices.get("dataset")
+                output = default_output(trained.path, f"eval_{name}_{cfg.split}.json")
+        report = evaluate_checkpoint(
+            trained,
+            data,
+            split=str(cfg.split),
+            val_split=val_split,
+            output=output,
+            batch_size=int(cfg.batch_size),
+            device=str(cfg.device),
+            precision=str(cfg.precision),
+            num_workers=num_workers,
+        )
+        log.info(
+            "%s on %d %s images: loss %.4f acc1 %.4f acc5 %.4f mean class acc %.4f | wrote %s, %s",
+            Path(cfg.checkpoint).name, report["num_samples"], report["split"], report["loss"],
+            report["acc1"], report["acc5"], report["mean_class_accuracy"], report["report"],
+            report["confusion_png"],
+        )  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,83 @@
+"""Classify image files with a trained checkpoint and print the top classes.
+
+    python -m vitexp.predict checkpoint=PATH images=[a.png,b.jpg]
+
+Files of any size and mode are read as the model's channel count (grayscale, palette,
+16-bit, CMYK converted; transparency put on white; EXIF rotation applied), centre-cropped to
+the model's aspect ratio (a no-op for square images and a square model), resized to its input
+size as evaluation in training does, and normalised with the training run's mean and std.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import hydra
+from omegaconf import DictConfig, ListConfig
+
+from vitexp.config import conf_dir
+from vitexp.errors import ConfigError
+from vitexp.inference import TrainedModel, as_trained, crop_to_aspect, one_line_errors, read_image
+
+log = logging.getLogger("vitexp.predict")
+
+
+def predict_images(
+    checkpoint: str | Path | TrainedModel,
+    images: Sequence[str | Path],
+    *,
+    top_k: int = 5,
+    device: str = "cpu",
+) -> list[dict[str, Any]]:
+    """Top-`top_k` classes of each image: `[{"image": path, "top": [{"class", "index",
+    "probability"}, ...]}]`, most probable first. Every file is read before any is classified,
+    so a bad one fails the call at once with a ConfigError naming it."""
+    if not images:
+        raise ConfigError("no images given: add images=[a.png,b.jpg]")
+    if top_k <= 0:
+        raise ConfigError(f"top_k={top_k} must be positive")
+    trained = as_trained(checkpoint, device)
+    pictures = [crop_to_aspect(read_image(path, trained.in_channels), trained.img_size) for path in images]
+    probs = trained.logits(pictures).softmax(dim=-1).cpu()
+    top = probs.topk(min(top_k, trained.num_classes), dim=-1)
+    return [
+        {
+            "image": str(path),
+            "top": [
+                {"class": trained.classes[int(i)], "index": int(i), "probability": float(p)}
+                for p, i in zip(top.values[n], top.indices[n], strict=True)
+            ],
+        }
+        for n, path in enumerate(images)
+    ]
+
+
+def format_predictions(predictions: list[dict[str, Any]]) -> str:
+    """One block per image: its path, then one line per class with its probability."""
+    lines = []
+    for item in predictions:
+        lines.append(item["image"])
+        lines += [f"  {t['probability']:8.2%}  {t['class']}" for t in item["top"]]
+    return "\n".join(lines)
+
+
+@hydra.main(version_base="1.3", config_path=str(conf_dir()), config_name="predict")
+def main(cfg: DictConfig) -> None:
+    with one_line_errors(cfg):
+        images = list(cfg.images) if isinstance(cfg.images, ListConfig) else [cfg.images]
+        predictions = predict_images(
+            cfg.checkpoint, [str(p) for p in images], top_k=int(cfg.top_k), device=str(cfg.device)
+        )
+        # The predictions are the command's output: stdout, apart from the log on stderr.
+        print(format_predictions(predictions), flush=True)
+        if cfg.output:
+            Path(cfg.output).write_text(json.dumps(predictions, indent=2) + "\n")
+            log.info("wrote %s", cfg.output)
+
+
+if __name__ == "__main__":
+    main()
