@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -216,3 +217,18 @@ def test_fine_tune_from_a_previous_run_with_another_head(cfg_factory, tmp_path):
     torch.testing.assert_close(
         tuned["encoder.layer.1.attn.qkv.weight"], source["encoder.layer.1.attn.qkv.weight"]
     )
+
+
+def test_max_time_stops_on_time_with_a_schedule_that_ends_there(cfg_factory):
+    cfg = cfg_factory(*FAKE_TINY, "trainer.max_epochs=100000", "trainer.max_time=4", "trainer.batch_size=32",
+                      "trainer.log_every_steps=2", "scheduler.warmup_epochs=0")  # fmt: skip
+    start = time.time()
+    train(cfg)
+    elapsed = time.time() - start
+    run_dir = Path(cfg.run_dir)
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["stopped_by"] == "max_time" and summary["epochs"] < 100000
+    assert elapsed < 4 + 15  # set-up and the final evaluation come on top of the budget
+    lrs = [r["train/lr"] for r in read_jsonl(run_dir / "metrics.jsonl") if "train/lr" in r]
+    assert lrs[0] > 0.5e-3 and lrs[-1] < 0.2e-3  # the cosine ran (almost) to its end within the budget
+    assert load_checkpoint(run_dir / "last.pt")["epoch_complete"]

@@ -248,6 +248,31 @@ class LossWindow:
         return mean
 
 
+class TimeBudget:
+    """Fits a run into `trainer.max_time` seconds: from the pace so far (training and
+    evaluation together) it re-estimates how many optimizer steps still fit, so that the
+    schedule, which knows the total, ends when the time does."""
+
+    def __init__(self, seconds: float, start_step: int, limit_steps: int) -> None:
+        self.started = time.time()
+        self.deadline = self.started + seconds
+        self.start_step = start_step
+        self.limit_steps = limit_steps
+
+    def total_steps(self, global_step: int) -> int:
+        done = global_step - self.start_step
+        if done <= 0:
+            return self.limit_steps
+        now = time.time()
+        pace = (now - self.started) / done
+        fits = global_step + int(max(0.0, self.deadline - now) / pace)
+        return max(global_step, min(self.limit_steps, fits))
+
+    @property
+    def spent(self) -> bool:
+        return time.time() >= self.deadline
+
+
 class Checkpointer:
     """Writes last.pt / best.pt / epoch{N}.pt. A failed write (disk full) keeps the previous
     file and says so instead of stopping the run; `keep_last_k` bounds the epoch files."""
@@ -407,14 +432,15 @@ def train(cfg: DictConfig) -> float:
     )
     steps_per_epoch = len(train_loader) // t.grad_accum_steps
     total_steps = int(t.max_steps) if t.max_steps is not None else int(t.max_epochs) * steps_per_epoch
+
+    def schedule_for(total: int) -> Callable[[int], float]:
+        spec = OmegaConf.to_container(cfg.scheduler)
+        return build(
+            "scheduler", lambda: make_schedule(spec, steps_per_epoch=steps_per_epoch, total_steps=total)
+        )
+
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule_for(total_steps))
     max_epochs = math.ceil(total_steps / steps_per_epoch)
-    schedule = build(
-        "scheduler",
-        lambda: make_schedule(
-            OmegaConf.to_container(cfg.scheduler), steps_per_epoch=steps_per_epoch, total_steps=total_steps
-        ),
-    )
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
     scaler = torch.amp.GradScaler(device.type, enabled=t.precision == "fp16")
     criterion = nn.CrossEntropyLoss(label_smoothing=float(t.label_smoothing))
 
@@ -465,7 +491,7 @@ def train(cfg: DictConfig) -> float:
     skip_nonfinite = t.on_nonfinite == "skip"
     eval_metrics: dict[str, float] = {}
 
-    def state(epoch: int, step_in_epoch: int, order: Tensor | None) -> dict:
+    def state(epoch: int, step_in_epoch: int, order: Tensor | None, seconds: float) -> dict:
         return {
             "model": unwrap(model).state_dict(),
             "optimizer": optimizer.state_dict(),
@@ -476,7 +502,7 @@ def train(cfg: DictConfig) -> float:
             "epoch_complete": order is None,
             "order": order,
             "global_step": global_step,
-            "train_seconds": train_seconds + (time.time() - epoch_start),
+            "train_seconds": seconds,
             "best_metric": best_value,
             "best_epoch": best_epoch,
             "rng": rng_state(data_generator),
@@ -509,10 +535,18 @@ def train(cfg: DictConfig) -> float:
             )
             bar.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{lr:.2e}")
 
+    budget = None
+    if t.max_time:
+        # The budget covers training and per-epoch evaluation; a resumed run gets what is left.
+        budget = TimeBudget(float(t.max_time) - train_seconds, global_step, total_steps)
+        log.info("time budget: %.0f s (trainer.max_time); the schedule adapts to the pace", float(t.max_time))
     try:
         with PreemptionGuard() as preemption:
-            for epoch in range(start_epoch, max_epochs + 1):
+            epoch = start_epoch - 1
+            while global_step < total_steps and not (budget and budget.spent):
+                epoch += 1
                 epoch_start = time.time()
+                max_epochs = math.ceil(total_steps / steps_per_epoch)
                 steps = min(steps_per_epoch, total_steps - (epoch - 1) * steps_per_epoch)
                 first = start_step if epoch == start_epoch and resume_order is not None else 0
                 order = resume_order if first else train_loader.new_order()
@@ -527,6 +561,8 @@ def train(cfg: DictConfig) -> float:
                     disable=None if t.progress else True,
                 )
                 for i in bar:
+                    if global_step >= total_steps:  # the time budget shortened the run
+                        break
                     step_loss = torch.zeros((), device=device)
                     for _ in range(t.grad_accum_steps):
                         x, y = next(batches)
@@ -557,14 +593,22 @@ def train(cfg: DictConfig) -> float:
                         and global_step % t.checkpoint_every_steps == 0
                         and i < steps - 1
                     )
-                    if global_step % t.log_every_steps == 0 or i == steps - 1 or at_checkpoint:
+                    if global_step % t.log_every_steps == 0 or at_checkpoint:
                         if not skip_nonfinite:
                             stop_if_nonfinite()
                         log_window(epoch)
+                        if budget is not None:
+                            fitted = budget.total_steps(global_step)
+                            if fitted != total_steps:
+                                total_steps = fitted
+                                scheduler.lr_lambdas = [schedule_for(total_steps)] * len(
+                                    optimizer.param_groups
+                                )
                     if at_checkpoint:
                         # Mid-epoch: the epoch's order and the step within it let a resumed
                         # run replay exactly the batches this one had left.
-                        checkpointer.save(state(epoch, i + 1, order), "last.pt")
+                        seconds = train_seconds + time.time() - epoch_start
+                        checkpointer.save(state(epoch, i + 1, order, seconds), "last.pt")
                         if preemption.requested:
                             raise Preempted(
                                 preemption.signal_name,
@@ -573,8 +617,11 @@ def train(cfg: DictConfig) -> float:
                                 resume_command(run_dir),
                             )
                 bar.close()
+                if window.count:
+                    if not skip_nonfinite:
+                        stop_if_nonfinite()
+                    log_window(epoch)
                 train_seconds += time.time() - epoch_start
-                epoch_start = time.time()
 
                 eval_metrics = {f"val/{k}": v for k, v in evaluate(model, eval_loader, autocast).items()}
                 loggers.log({**eval_metrics, "epoch": epoch}, step=global_step)
@@ -588,7 +635,7 @@ def train(cfg: DictConfig) -> float:
                     eval_metrics["val/acc1"], eval_metrics["val/acc5"],
                     "new best" if improved else f"best {best_value:.4f} (epoch {best_epoch})",
                 )  # fmt: skip
-                end_state = state(epoch, steps, None)
+                end_state = state(epoch, steps, None, train_seconds)
                 checkpointer.save(end_state, "last.pt")
                 if improved:
                     checkpointer.save(end_state, "best.pt")
@@ -607,7 +654,8 @@ def train(cfg: DictConfig) -> float:
             "best": {monitor: best_value, "epoch": best_epoch},
             "final": eval_metrics,
             "eval_split": eval_name,
-            "epochs": max_epochs,
+            "epochs": epoch,
+            "stopped_by": "max_time" if budget is not None and budget.spent else "max_epochs/max_steps",
             "steps": global_step,
             "train_seconds": round(train_seconds, 2),
             "wall_seconds": round(time.time() - started, 2),

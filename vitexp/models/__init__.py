@@ -1,4 +1,7 @@
-"""Vision Transformer models. The named sizes are the configs in `conf/model/`."""
+"""Vision Transformer models. The named sizes are the configs in `conf/model/`.
+
+`VisionTransformer` (ViT), and the convolutional families: `HybridVisionTransformer` (the ViT
+paper's R50+ViT), `CvT` (Wu et al. 2021) and `CCT` (Hassani et al. 2021)."""
 
 from __future__ import annotations
 
@@ -8,9 +11,23 @@ from typing import Any
 from hydra.utils import instantiate
 from torch import nn
 
+from vitexp.models.cct import CCT
+from vitexp.models.cvt import CvT
+from vitexp.models.hybrid import HybridVisionTransformer
 from vitexp.models.vit import Attention, Block, Embeddings, Encoder, Mlp, VisionTransformer
 
-__all__ = ["Attention", "Block", "Embeddings", "Encoder", "Mlp", "VisionTransformer", "build_model"]
+__all__ = [
+    "CCT",
+    "Attention",
+    "Block",
+    "CvT",
+    "Embeddings",
+    "Encoder",
+    "HybridVisionTransformer",
+    "Mlp",
+    "VisionTransformer",
+    "build_model",
+]
 
 # Keys of a model config that say how to initialise the model rather than what to build.
 _LOAD_KEYS = ("pretrained", "pretrained_format")

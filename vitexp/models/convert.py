@@ -688,7 +688,15 @@ def load_pretrained(model: VisionTransformer, path: str | os.PathLike[str], fmt:
     `fmt` is one of "auto" (detect from the key names) or `FORMATS`; an explicit format that the
     file contradicts raises ConfigError. The weights are converted to our names, adapted to the
     model (`adapt_to_model`) and loaded strictly: any remaining mismatch raises a one-line
-    ConfigError that names the key and both shapes, or the missing/unexpected names."""
+    ConfigError that names the key and both shapes, or the missing/unexpected names.
+
+    The convolutional families (R50 hybrid, CvT, CCT) have layouts of their own and are loaded by
+    `vitexp.models.convert_conv.load_pretrained_conv`."""
+    from vitexp.models import convert_conv  # here, not at the top: convert_conv builds on this module
+
+    if convert_conv.handles(model):
+        convert_conv.load_pretrained_conv(model, path, fmt)
+        return
     fmt = str(fmt).lower()
     if fmt not in ("auto", *FORMATS):
         raise ConfigError(f"model.pretrained_format={fmt!r} is not one of auto, {', '.join(FORMATS)}")

@@ -11,6 +11,7 @@ arguments, attention runs through one fused qkv projection and
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Literal
 
 import torch
@@ -272,6 +273,7 @@ class VisionTransformer(nn.Module):
         representation_size: int | None = None,
         zero_head: bool = False,
         norm_eps: float = 1e-6,
+        embed_layer: Callable[..., nn.Module] = Embeddings,
     ) -> None:
         super().__init__()
         if classifier not in ("token", "gap"):
@@ -286,7 +288,11 @@ class VisionTransformer(nn.Module):
         self.num_classes = num_classes
         self.hidden_size = hidden_size
         self.classifier = classifier
-        self.embeddings = Embeddings(
+        # `embed_layer` turns images into tokens (as timm's argument of that name): the plain patch
+        # embedding here, a CNN feature map in the R50 hybrid (vitexp.models.hybrid). It must
+        # provide what Embeddings provides: patch_embeddings, cls_token, position_embeddings,
+        # img_size, patch_size, grid_size and num_prefix_tokens.
+        self.embeddings = embed_layer(
             img_size=img_size,
             patch_size=patch_size,
             in_channels=in_channels,
