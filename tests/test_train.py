@@ -232,3 +232,20 @@ def test_max_time_stops_on_time_with_a_schedule_that_ends_there(cfg_factory):
     lrs = [r["train/lr"] for r in read_jsonl(run_dir / "metrics.jsonl") if "train/lr" in r]
     assert lrs[0] > 0.5e-3 and lrs[-1] < 0.2e-3  # the cosine ran (almost) to its end within the budget
     assert load_checkpoint(run_dir / "last.pt")["epoch_complete"]
+
+
+def test_mixup_cutmix_and_randaugment_train(cfg_factory):
+    cfg = cfg_factory(
+        *FAKE_TINY, "trainer.max_steps=3", "trainer.batch_size=32", "trainer.mixup_alpha=0.8",
+        "trainer.cutmix_alpha=1.0", "dataset.augment.randaugment={num_ops: 2, magnitude: 9}",
+    )  # fmt: skip
+    assert 0.0 <= train(cfg) <= 1.0
+    rows = [r for r in read_jsonl(Path(cfg.run_dir) / "metrics.jsonl") if "train/loss" in r]
+    assert all(r["train/loss"] == r["train/loss"] for r in rows)
+
+
+def test_trivialaugment_and_randaugment_together_is_an_error(cfg_factory):
+    cfg = cfg_factory(*FAKE_TINY, "trainer.max_steps=1", "dataset.augment.trivialaugment=true",
+                      "dataset.augment.randaugment={num_ops: 1}")  # fmt: skip
+    with pytest.raises(ConfigError, match="choose randaugment or trivialaugment, not both"):
+        train(cfg)

@@ -13,7 +13,7 @@ import abc
 import logging
 import math
 import pickle
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from vitexp.augment import shift_crop_flip
 from vitexp.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -345,6 +346,11 @@ class BatchTransform:
     as black, like torchvision's `RandomCrop(padding=p)`), a random-resized crop is a scale
     plus translation, a flip negates the x axis, and the resize to `img_size` is the output
     grid's size.
+
+    `policy`, when given, is a batched per-sample augmentation such as
+    `vitexp.augment.RandAugment` or `TrivialAugment`: called as `policy(images, generator)`
+    on the cropped float batch in [0, 1], just before normalisation, drawing from the same
+    generator.
     """
 
     def __init__(
@@ -357,6 +363,7 @@ class BatchTransform:
         hflip: bool = False,
         rrc_scale: Sequence[float] | None = None,
         rrc_ratio: Sequence[float] = (3 / 4, 4 / 3),
+        policy: Callable[[Tensor, torch.Generator | None], Tensor] | None = None,
     ) -> None:
         self.out_size = (img_size, img_size) if isinstance(img_size, int) else tuple(int(s) for s in img_size)
         self.mean = torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1)
@@ -367,13 +374,17 @@ class BatchTransform:
         self.log_ratio = (math.log(rrc_ratio[0]), math.log(rrc_ratio[1]))
         if self.rrc_scale is not None and not 0 < self.rrc_scale[0] <= self.rrc_scale[1] <= 1:
             raise ConfigError(f"rrc_scale={list(self.rrc_scale)} must satisfy 0 < low <= high <= 1")
+        self.policy = policy
 
     @property
     def random(self) -> bool:
-        return self.crop_padding > 0 or self.hflip or self.rrc_scale is not None
+        return self.crop_padding > 0 or self.hflip or self.rrc_scale is not None or self.policy is not None
 
     def _normalize(self, x: Tensor) -> Tensor:
-        mean, std = self.mean.to(x.device), self.std.to(x.device)
+        # Moved once per device: a host-to-device copy per batch would wait for the GPU.
+        if self.mean.device != x.device:
+            self.mean, self.std = self.mean.to(x.device), self.std.to(x.device)
+        mean, std = self.mean, self.std
         if mean.shape[1] != x.shape[1]:
             raise ConfigError(
                 f"dataset.mean/std have {mean.shape[1]} channels but the images have {x.shape[1]}; "
@@ -392,7 +403,19 @@ class BatchTransform:
         """Random path, one independent draw per sample."""
         if not self.random:
             return self.eval(images)
-        x = images.float().div_(255)
+        if self.rrc_scale is None and tuple(images.shape[-2:]) == self.out_size:
+            # Whole-pixel shifts and flips only: one uint8 gather instead of an affine grid and
+            # a bilinear grid_sample, with the same draws and the same pixels (4x faster on the CPU).
+            x = shift_crop_flip(images, padding=self.crop_padding, hflip=self.hflip, generator=generator)
+            x = x.float().div_(255)
+        else:
+            x = self._affine(images.float().div_(255), generator)
+        if self.policy is not None:
+            x = self.policy(x, generator)
+        return self._normalize(x)
+
+    def _affine(self, x: Tensor, generator: torch.Generator | None) -> Tensor:
+        """Crop (padded or random-resized), flip and resize as one affine grid_sample."""
         batch, _, height, width = x.shape
         dev = x.device
 
@@ -421,8 +444,7 @@ class BatchTransform:
         zero = torch.zeros_like(w)
         theta = torch.stack([torch.stack([sx, zero, cx], 1), torch.stack([zero, h, cy], 1)], 1)
         grid = F.affine_grid(theta, [batch, x.shape[1], *self.out_size], align_corners=False)
-        x = F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
-        return self._normalize(x)
+        return F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
 
 
 class _Loader(abc.ABC):
@@ -485,7 +507,8 @@ class DeviceLoader(_Loader):
 
     def iter_from(self, order: Tensor, start: int = 0) -> Iterator[tuple[Tensor, Tensor]]:
         for idx in self._batch_indices(order, start):
-            yield self._finish(self.split.images[idx], self.split.labels[idx])
+            # index_select: the generic advanced-indexing kernel is several times slower here.
+            yield self._finish(self.split.images.index_select(0, idx), self.split.labels.index_select(0, idx))
 
 
 class FolderLoader(_Loader):

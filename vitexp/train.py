@@ -29,6 +29,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch import Tensor, nn
 from tqdm import tqdm
 
+from vitexp.augment import RandAugment, TrivialAugment, mixup_cutmix
 from vitexp.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state, unwrap
 from vitexp.data import BatchTransform, ImageData, carve_validation, make_loader
 from vitexp.errors import ConfigError
@@ -61,6 +62,20 @@ def build(what: str, fn: Callable[[], Any]) -> Any:
         raise ConfigError(f"{what}: {detail}; check the {what} settings") from e
     except (TypeError, ValueError) as e:
         raise ConfigError(f"{what}: {str(e).splitlines()[0]}; check the {what} settings") from e
+
+
+def build_transform(cfg: DictConfig, img_size: tuple[int, int]) -> BatchTransform:
+    """The dataset's augmentation at the model's resolution, with an optional RandAugment or
+    TrivialAugment policy (`dataset.augment.randaugment: {num_ops, magnitude}` or
+    `dataset.augment.trivialaugment: true`), all applied batched on the device."""
+    augment = OmegaConf.to_container(cfg.dataset.augment)
+    randaugment, trivial = augment.pop("randaugment", None), augment.pop("trivialaugment", False)
+    if randaugment and trivial:
+        raise ConfigError("dataset.augment: choose randaugment or trivialaugment, not both")
+    policy = RandAugment(**randaugment) if randaugment else TrivialAugment() if trivial else None
+    return BatchTransform(
+        img_size=img_size, mean=list(cfg.dataset.mean), std=list(cfg.dataset.std), policy=policy, **augment
+    )
 
 
 def pick_device(name: str) -> torch.device:
@@ -398,15 +413,7 @@ def train(cfg: DictConfig) -> float:
         )
 
     model = build("model", lambda: build_model(cfg.model, load_pretrained=ckpt is None)).to(device)
-    transform = build(
-        "dataset.augment",
-        lambda: BatchTransform(
-            img_size=unwrap(model).img_size,
-            mean=list(cfg.dataset.mean),
-            std=list(cfg.dataset.std),
-            **OmegaConf.to_container(cfg.dataset.augment),
-        ),
-    )
+    transform = build("dataset.augment", lambda: build_transform(cfg, unwrap(model).img_size))
     # Shuffling and augmentation draw from this generator only, so the seed (or a
     # checkpoint's copy of its state) decides every batch.
     data_generator = torch.Generator(device=device).manual_seed(int(cfg.seed))
@@ -443,6 +450,7 @@ def train(cfg: DictConfig) -> float:
     max_epochs = math.ceil(total_steps / steps_per_epoch)
     scaler = torch.amp.GradScaler(device.type, enabled=t.precision == "fp16")
     criterion = nn.CrossEntropyLoss(label_smoothing=float(t.label_smoothing))
+    mixing = bool(t.mixup_alpha or t.cutmix_alpha)
 
     # Resume: weights, optimizer, schedule, scaler, every RNG, and where in which epoch.
     monitor = str(t.monitor)
@@ -566,6 +574,11 @@ def train(cfg: DictConfig) -> float:
                     step_loss = torch.zeros((), device=device)
                     for _ in range(t.grad_accum_steps):
                         x, y = next(batches)
+                        if mixing:  # soft targets; CrossEntropyLoss takes them as they are
+                            x, y = mixup_cutmix(
+                                x, y, num_classes=data.num_classes, mixup_alpha=float(t.mixup_alpha),
+                                cutmix_alpha=float(t.cutmix_alpha), generator=data_generator,
+                            )  # fmt: skip
                         with autocast:
                             loss = criterion(forward(x), y) / t.grad_accum_steps
                         scaler.scale(loss).backward()

@@ -1,0 +1,170 @@
+"""The benchmarks in benchmarks/ run and report, in tiny configurations (no timing thresholds:
+the figures depend on the machine; the full runs are commands in benchmarks/README.md)."""
+
+from __future__ import annotations
+
+import math
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from benchmarks import common, data_path, epoch_overhead, flops, step_vs_timm
+
+
+def _positive(x: float) -> bool:
+    return math.isfinite(x) and x > 0
+
+
+def test_interleaved_times_every_candidate_and_rotates_the_order():
+    calls: list[str] = []
+    candidates = {name: (lambda n=name: calls.append(n)) for name in "abc"}
+    times = common.interleaved(candidates, repeats=3, calls=2, warmup=1, device=torch.device("cpu"))
+    assert {k: len(v) for k, v in times.items()} == {"a": 3, "b": 3, "c": 3}
+    assert calls[:3] == ["a", "b", "c"]  # warm-up
+    timed = calls[3:]
+    assert [timed[0], timed[6], timed[12]] == ["a", "b", "c"]  # each repeat starts elsewhere
+    assert all(t >= 0 for v in times.values() for t in v)
+
+
+def test_table_is_markdown():
+    out = common.table(["a", "bb"], [[1, 2.5], ["long", "x"]])
+    lines = out.splitlines()
+    assert lines[0].startswith("| a ") and set(lines[1]) <= {"|", "-"} and len(lines) == 4
+
+
+def test_step_vs_timm_reports_ratios_for_every_precision():
+    results = step_vs_timm.run(shape="tiny", repeats=1, steps=1, optimizer_repeats=1, channels_last=True)
+    assert {"for-loop", "foreach"} <= set(results["optimizer_step_ms"])
+    assert results["optimizer"] in results["optimizer_step_ms"]
+    eager = {f"{model} {precision}" for model in ("vitexp", "timm") for precision in ("fp32", "bf16")}
+    assert set(results["candidates"]) == eager | {"vitexp fp32 channels_last", "vitexp bf16 channels_last"}
+    for c in results["candidates"].values():
+        assert _positive(c["ms_per_step"]) and _positive(c["images_per_s"])
+    for key in ("vitexp_fp32_vs_timm_fp32", "vitexp_bf16_vs_timm_fp32", "vitexp_bf16_channels_last_vs_eager"):
+        assert _positive(results["ratios"][key])
+    assert results["targets"] == {"vitexp_fp32_vs_timm_fp32": 1.0, "vitexp_bf16_vs_timm_fp32": 1.25}
+    text = step_vs_timm.report(results)
+    assert "vitexp_bf16_vs_timm_fp32" in text and "target >= 1.25x" in text
+
+
+def test_step_vs_timm_refuses_fp16_on_the_cpu():
+    with pytest.raises(ValueError, match="fp16"):
+        step_vs_timm.run(shape="tiny", precisions=["fp16"], repeats=1, steps=1, optimizer_repeats=1)
+
+
+def test_data_path_compares_with_torchvision(cifar_root):
+    results = data_path.run(
+        root=cifar_root, batch_size=16, workers=(0,), repeats=1, max_batches=2, trivialaugment=True
+    )
+    pipelines = results["pipelines"]
+    assert set(pipelines) == {
+        "vitexp",
+        "torchvision, 0 workers",
+        "vitexp + TrivialAugment",
+        "torchvision + TrivialAugmentWide, 0 workers",
+    }
+    assert all(p["batches_per_epoch"] == 2 and _positive(p["batches_per_s"]) for p in pipelines.values())
+    assert _positive(results["ratios"]["vitexp_vs_torchvision_0_workers"])
+    assert results["ratio_vs_fastest_baseline"] == results["ratios"]["vitexp_vs_torchvision_0_workers"]
+    assert _positive(results["policy_ratios"]["vitexp_ta_vs_torchvision_ta_0_workers"])
+    assert "target >= 20x" in data_path.report(results)
+
+
+def test_data_path_baseline_yields_the_same_batches_as_torchvision_would(cifar_root):
+    epoch, n = data_path.torchvision_epoch(
+        cifar_root, torch.device("cpu"), batch_size=32, workers=0, max_batches=3
+    )
+    assert n == 3 and epoch() == 3
+
+
+def test_epoch_overhead_splits_the_epoch_into_phases(cifar_root):
+    results = epoch_overhead.run(
+        root=cifar_root, shape="tiny", max_steps=3, ab=True, trivialaugment=True, mixup=True
+    )
+    sec = results["seconds"]
+    assert results["steps"] == 3
+    assert all(
+        _positive(sec[k]) for k in ("data", "forward_backward", "optimizer_step", "bookkeeping", "epoch")
+    )
+    assert sec["data"] + sec["forward_backward"] + sec["optimizer_step"] + sec["bookkeeping"] <= sec["epoch"]
+    assert 0 < results["overhead"] < 1
+    assert math.isclose(sum(results["shares"].values()), 1.0)
+    assert _positive(results["ab_seconds"]["real"]) and _positive(results["ab_seconds"]["fixed"])
+    assert "target < 10%" in epoch_overhead.report(results)
+
+
+def test_flop_counts_include_attention_and_match_the_closed_form():
+    # The CIFAR shape at batch 1: FlopCounterMode alone misses the CPU attention kernels.
+    spec = common.SHAPES["cifar"]
+    model = common.vitexp_model(spec)
+    forward, train = flops.count_flops(model, torch.randn(1, 3, 32, 32))
+    assert forward == pytest.approx(flops.closed_form_forward_flops(spec), rel=1e-9)
+    assert 2.9 < train / forward < 3.1
+
+
+def test_flops_reports_fractions_of_the_measured_peak():
+    results = flops.run(shapes=("tiny",), matmul_size=64, repeats=1, steps=1, batch_sizes={"tiny": 4})
+    entry = results["shapes"]["tiny"]
+    assert entry["forward_flops_per_image"] == pytest.approx(entry["closed_form_forward_flops_per_image"])
+    assert set(results["peak_flops_per_s"]) == {"fp32", "bf16"}
+    for step in entry["steps"].values():
+        assert _positive(step["achieved_flops_per_s"]) and _positive(step["fraction_of_peak"])
+    assert "fraction of peak" in flops.report(results)
+
+
+def test_scripts_run_from_the_command_line(tmp_path):
+    # As a user runs them: `python benchmarks/NAME.py ...`, with the results also as JSON.
+    out = tmp_path / "flops.json"
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "benchmarks/flops.py",
+            "--quick",
+            "--shape",
+            "tiny",
+            "--threads",
+            "1",
+            "--json",
+            str(out),
+        ],
+        cwd=common.REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "fraction of peak" in proc.stdout and "load average" in proc.stdout
+    assert out.is_file()
+
+
+def test_mains_run_quick(cifar_root, capsys):
+    step_vs_timm.main(["--quick", "--shape", "tiny", "--precision", "fp32"])
+    data_path.main(["--quick", "--root", str(cifar_root), "--workers", "0", "--batch-size", "16"])
+    epoch_overhead.main(["--quick", "--root", str(cifar_root), "--shape", "tiny", "--precision", "bf16"])
+    printed = capsys.readouterr().out
+    assert "vitexp_fp32_vs_timm_fp32" in printed
+    assert "vitexp vs the fastest torchvision configuration" in printed
+    assert "outside forward/backward/optimizer step" in printed
+
+
+@pytest.mark.slow
+def test_compiled_model_trains_like_the_eager_one_on_the_cpu():
+    """trainer.compile=true on the CPU: torch.compile'd forward and backward of vitexp's
+    ViT give the eager loss and gradients (compiling takes about 20 s)."""
+    spec = common.SHAPES["tiny"]
+    torch.manual_seed(0)
+    eager = common.vitexp_model(spec)
+    compiled_model = common.vitexp_model(spec)
+    compiled_model.load_state_dict(eager.state_dict())
+    compiled = torch.compile(compiled_model)
+    x, y = torch.randn(4, 3, 16, 16), torch.tensor([0, 1, 2, 3])
+    losses = []
+    for model in (eager, compiled):
+        loss = torch.nn.functional.cross_entropy(model(x), y)
+        loss.backward()
+        losses.append(loss)
+    torch.testing.assert_close(losses[1], losses[0], atol=1e-5, rtol=1e-5)
+    for (name, a), b in zip(eager.named_parameters(), compiled_model.parameters(), strict=True):
+        torch.testing.assert_close(b.grad, a.grad, atol=1e-5, rtol=1e-4, msg=name)
