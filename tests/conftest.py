@@ -12,12 +12,13 @@ import pytest
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig, open_dict
 
-from vitexp.config import conf_dir, register_experiments
+from vitexp.config import conf_dir, register_experiments, register_resolvers
 
 REPO = Path(__file__).resolve().parent.parent
 SHARED_DATA = Path(os.environ.get("VITEXP_TEST_DATA", REPO.parent / "shared" / "data"))
 
 register_experiments()
+register_resolvers()
 
 # Small enough to train in a second or two on 2 CPU cores.
 TINY_MODEL = [

@@ -10,7 +10,7 @@ import sys
 import pytest
 import torch
 
-from benchmarks import common, data_path, epoch_overhead, flops, step_vs_timm
+from benchmarks import ablation, common, data_path, epoch_overhead, flops, step_vs_timm
 
 
 def _positive(x: float) -> bool:
@@ -168,3 +168,25 @@ def test_compiled_model_trains_like_the_eager_one_on_the_cpu():
     torch.testing.assert_close(losses[1], losses[0], atol=1e-5, rtol=1e-5)
     for (name, a), b in zip(eager.named_parameters(), compiled_model.parameters(), strict=True):
         torch.testing.assert_close(b.grad, a.grad, atol=1e-5, rtol=1e-4, msg=name)
+
+
+@pytest.mark.parametrize("row", list(ablation.ROWS))
+def test_every_ablation_row_composes_and_builds(row):
+    """A typo in a row would only show after an hour of the other rows: compose each now."""
+    from tests.conftest import compose_cfg
+    from vitexp.models import build_model
+
+    cfg = compose_cfg(["experiment=cifar10_subset_cpu", "dataset.val_split=0.1", *ablation.ROWS[row][1]])
+    model = build_model(cfg.model)
+    assert model(torch.zeros(2, 3, 32, 32)).shape == (2, 10)
+
+
+def test_ablation_table_reports_the_difference_to_the_preset():
+    common_keys = {"images_per_sec": 640.0, "params": 480000}
+    rows = [
+        {"row": "preset", "change": "p", "val_acc1": 0.60, "epochs": 20, **common_keys},
+        {"row": "ema", "change": "e", "val_acc1": 0.625, "epochs": 19, **common_keys},
+    ]
+    lines = ablation.table(rows).splitlines()
+    assert lines[2].startswith("| `preset` | p | 60.0% |  | 20 | 640 |")
+    assert lines[3].startswith("| `ema` | e | 62.5% | +2.5 | 19 | 640 | 0.48M |")

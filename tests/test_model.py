@@ -45,8 +45,15 @@ def test_every_named_size_builds_with_the_right_output_shape(name):
     assert len(model.encoder.layer) == cfg.model.num_layers
 
 
-def test_forward_backward_reaches_every_parameter():
-    model = tiny(drop_path_rate=0.1, dropout_rate=0.1, layer_scale_init=1e-4, representation_size=16)
+@pytest.mark.parametrize(
+    "options",
+    [
+        {"representation_size": 16},
+        {"shifted_patches": True, "locality_attention": True, "classifier": "seqpool"},
+    ],
+)
+def test_forward_backward_reaches_every_parameter(options):
+    model = tiny(drop_path_rate=0.1, dropout_rate=0.1, layer_scale_init=1e-4, **options)
     x = torch.randn(3, 3, 16, 16)
     loss = F.cross_entropy(model(x), torch.tensor([0, 1, 2]))
     loss.backward()
@@ -54,14 +61,72 @@ def test_forward_backward_reaches_every_parameter():
     assert not no_grad, f"parameters without gradient: {no_grad}"
 
 
-@pytest.mark.parametrize("classifier", ["token", "gap"])
+@pytest.mark.parametrize("classifier", ["token", "gap", "seqpool"])
 def test_classifier_pooling(classifier):
     model = tiny(classifier=classifier).eval()
     assert (model.embeddings.cls_token is not None) == (classifier == "token")
     tokens = model.forward_features(torch.randn(2, 3, 16, 16))
     assert tokens.shape == (2, 16 + (classifier == "token"), 32)
-    pooled = tokens[:, 0] if classifier == "token" else tokens.mean(1)
+    if classifier == "token":
+        pooled = tokens[:, 0]
+    elif classifier == "gap":
+        pooled = tokens.mean(1)
+    else:  # sequence pooling: softmax over tokens of a learned score, then the weighted sum
+        scores = tokens @ model.attention_pool.weight[0] + model.attention_pool.bias
+        pooled = (scores.softmax(dim=1)[:, :, None] * tokens).sum(1)
     torch.testing.assert_close(model.forward_head(tokens), model.head(pooled))
+
+
+def test_shifted_patch_tokenization_follows_the_paper():
+    """SPT: the image and its four diagonal half-patch shifts (zero-filled), cut into patches,
+    flattened, layer-normalised, linearly projected; written here with plain indexing."""
+    model = tiny(shifted_patches=True, classifier="gap").eval()
+    emb = model.embeddings
+    x = torch.randn(2, 3, 16, 16)
+    s = 2  # half of patch_size 4
+
+    def shifted(dy: int, dx: int) -> torch.Tensor:
+        out = torch.zeros_like(x)
+        for i in range(16):
+            for j in range(16):
+                if 0 <= i + dy < 16 and 0 <= j + dx < 16:
+                    out[..., i, j] = x[..., i + dy, j + dx]
+        return out
+
+    stacked = torch.cat([x] + [shifted(dy, dx) for dy in (-s, s) for dx in (-s, s)], dim=1)  # (2, 15, 16, 16)
+    patches = stacked.reshape(2, 15, 4, 4, 4, 4).permute(0, 2, 4, 1, 3, 5).reshape(2, 16, 15 * 16)
+    normed = F.layer_norm(patches, (240,), emb.patch_norm.weight, emb.patch_norm.bias)
+    tokens = normed @ emb.patch_embeddings.weight.reshape(32, -1).T + emb.patch_embeddings.bias
+    torch.testing.assert_close(emb(x), tokens + emb.position_embeddings, atol=1e-5, rtol=1e-5)
+    assert emb.patch_embeddings.in_channels == 15
+
+
+def test_shifted_patches_need_the_plain_patch_embedding():
+    from vitexp.models.hybrid import HybridEmbeddings
+
+    with pytest.raises(ConfigError, match="shifted_patches"):
+        VisionTransformer(img_size=32, patch_size=4, hidden_size=32, mlp_dim=64, num_heads=2, num_layers=1,
+                          shifted_patches=True, embed_layer=HybridEmbeddings)  # fmt: skip
+
+
+def test_locality_self_attention_masks_the_diagonal_and_learns_a_temperature():
+    model = tiny(locality_attention=True).eval()
+    attn = model.encoder.layer[0].attn
+    assert attn.scale.shape == (4,) and torch.allclose(attn.scale, torch.full((4,), 8**-0.5))
+    with torch.no_grad():
+        attn.scale.mul_(torch.tensor([1.0, 2.0, 0.5, 3.0]))
+    x = torch.randn(2, 3, 16, 16)
+    h = model.encoder.layer[0].attention_norm(model.embeddings(x))
+    # The paper's formula: softmax(mask(q k^T · scale_h)), written out with the raw projections.
+    qkv = attn.qkv(h).reshape(2, 17, 3, 4, 8).permute(2, 0, 3, 1, 4)
+    scores = qkv[0] @ qkv[1].transpose(-2, -1) * attn.scale.view(1, 4, 1, 1)
+    scores = scores.masked_fill(torch.eye(17, dtype=torch.bool), float("-inf"))
+    expected = scores.softmax(-1)
+    maps = model.attention_maps(x)
+    torch.testing.assert_close(maps[0], expected, atol=1e-5, rtol=1e-5)
+    assert maps[0].diagonal(dim1=-2, dim2=-1).abs().max() == 0
+    manual = (expected @ qkv[2]).transpose(1, 2).reshape(2, 17, 32)
+    torch.testing.assert_close(attn.out(manual), attn(h), atol=1e-5, rtol=1e-5)
 
 
 def test_attention_maps_are_softmax_rows_that_reproduce_the_fused_path():

@@ -249,7 +249,8 @@ def test_every_preset_runs_with_tiny_overrides(name, cfg_factory, cifar_root, tm
     if "root" in cfg.dataset:
         overrides.append(f"dataset.root={cifar_root}")
         if cfg.dataset.load._target_.endswith("cifar100"):
-            pytest.skip("CIFAR-100 is not available offline")
+            # CIFAR-100 is not available offline: run the preset's recipe on the CIFAR-10 subset.
+            overrides.append("dataset=cifar10")
     if cfg.model.get("pretrained") == "required":
         weights = tmp_path / "pretrained.pth"
         torch.save(

@@ -11,7 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from tests.conftest import REPO, TINY_MODEL, run_cli
+from tests.conftest import REPO, TINY_MODEL, compose_cfg, run_cli
 from vitexp.checkpoint import load_checkpoint
 from vitexp.data import BatchTransform, DeviceLoader, Split
 from vitexp.errors import ConfigError
@@ -135,6 +135,7 @@ def test_evaluate_counts_the_true_number_of_samples():
         (["model.num_heads=3"], "model: hidden_size=32 is not divisible by num_heads=3"),
         (["model.num_classes=5"], "model.num_classes=5 but the dataset has 10 classes"),
         (["trainer.monitor=val/f1"], "trainer.monitor='val/f1' is not one of"),
+        (["trainer.ema_decay=1.0"], "trainer.ema_decay=1.0 must be between 0 and 1"),
         (
             ["+optimizer.momentum=0.9"],
             "optimizer: AdamW.__init__() got an unexpected keyword argument 'momentum'",
@@ -249,3 +250,28 @@ def test_trivialaugment_and_randaugment_together_is_an_error(cfg_factory):
                       "dataset.augment.randaugment={num_ops: 1}")  # fmt: skip
     with pytest.raises(ConfigError, match="choose randaugment or trivialaugment, not both"):
         train(cfg)
+
+
+def test_ema_weights_are_evaluated_checkpointed_used_for_inference_and_resumed(cfg_factory, tmp_path):
+    from vitexp.evaluate import evaluate_checkpoint
+
+    ema = [*FAKE_TINY, "trainer.max_epochs=2", "trainer.batch_size=32", "trainer.ema_decay=0.9",
+           "trainer.save_every_epoch=true", "trainer.sample_figures=false"]  # fmt: skip
+    cfg = cfg_factory(*ema)
+    train(cfg)
+    run_dir = Path(cfg.run_dir)
+    last = load_checkpoint(run_dir / "last.pt")
+    assert last["ema_updates"] == 64  # one update per optimizer step: 2 epochs × 1024 / 32
+    assert any(not torch.equal(last["ema"][k], last["model"][k]) for k in last["model"])
+    # The run reports the EMA's accuracy (val/*) and the raw weights' beside it (val_raw/*).
+    summary = json.loads((run_dir / "summary.json").read_text())
+    evals = [r for r in read_jsonl(run_dir / "metrics.jsonl") if "val/loss" in r]
+    assert all("val_raw/loss" in r for r in evals) and evals[-1]["val/loss"] != evals[-1]["val_raw/loss"]
+    report = evaluate_checkpoint(run_dir / "last.pt", device="cpu", output=tmp_path / "eval.json")
+    assert report["loss"] == pytest.approx(summary["final"]["val/loss"], rel=1e-5)
+    # Resuming from the epoch-1 checkpoint restores the average too: the same final EMA.
+    resumed = compose_cfg([*ema, f"trainer.resume={run_dir}/epoch1.pt"], run_dir=tmp_path / "resumed")
+    train(resumed)
+    again = load_checkpoint(tmp_path / "resumed" / "last.pt")
+    assert again["ema_updates"] == 64
+    assert all(torch.equal(again["ema"][k], last["ema"][k]) for k in last["ema"])

@@ -5,6 +5,7 @@ Thin on purpose: all work happens in the importable `vitexp.train.train(cfg)`.
 
 from __future__ import annotations
 
+import datetime
 import logging
 import sys
 from pathlib import Path
@@ -16,13 +17,15 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.errors import HydraException
 from omegaconf import DictConfig
 
-from vitexp.config import conf_dir, register_experiments
+from vitexp import distributed
+from vitexp.config import conf_dir, register_experiments, register_resolvers, set_launch_time
 from vitexp.errors import ConfigError
-from vitexp.preemption import EXIT_PREEMPTED, Preempted
+from vitexp.preemption import EXIT_PREEMPTED, Preempted, pass_on
 
 log = logging.getLogger("vitexp")
 
 register_experiments()
+register_resolvers()
 
 
 def group_options(group: str) -> list[str]:
@@ -67,8 +70,10 @@ def _hydra_main(cfg: DictConfig) -> float:
             sys.exit(2)
         return _failed_job(f"error: {e}")
     except Preempted as e:
-        # Stop the whole process (a sweep too): the scheduler wants the machine back.
+        # Stop the whole process (a sweep too): the scheduler wants the machine back. Under
+        # submitit its own handler then requeues the job, which resumes from the checkpoint.
         log.warning("%s", e)
+        pass_on(e.signal_name)
         sys.exit(EXIT_PREEMPTED)
     except Exception as e:
         if not multirun:
@@ -90,7 +95,18 @@ def main() -> float | None:
     if problem:
         print(f"error: {problem}", file=sys.stderr)
         sys.exit(2)
-    return _hydra_main()
+    world = distributed.launch_world()
+    if world.distributed:
+        # Under torchrun every process runs Hydra: they must name the same run dir (rank 0's
+        # clock), and only rank 0 writes Hydra's .hydra/ record into it.
+        distributed.init(world)
+        set_launch_time(distributed.agree(datetime.datetime.now(), world))
+        if not world.is_main:
+            sys.argv.append("hydra.output_subdir=null")
+    try:
+        return _hydra_main()
+    finally:
+        distributed.destroy()
 
 
 if __name__ == "__main__":

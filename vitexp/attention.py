@@ -12,8 +12,9 @@ Two views of the same forward pass (`VisionTransformer.attention_maps`):
   token i. The class token's row over the patch tokens is the map.
 - The last layer's attention of each head, the class token's row over the patch tokens.
 
-Models pooled by average (`classifier=gap`) have no class token: their logits read the mean
-of all output tokens, so both views use the mean over query tokens (rows) instead of one row.
+Models pooled by average or by sequence pooling (`classifier=gap` or `seqpool`) have no class
+token: their logits read (a weighting of) all output tokens, so both views use the mean over
+query tokens (rows) instead of one row.
 Maps are shown min-max scaled each; the values are fractions of attention (for the class
 token, its attention to itself is left out, so a row over the patches sums to less than 1).
 """

@@ -9,6 +9,7 @@ copying or linking them under `conf/`.
 
 from __future__ import annotations
 
+import datetime
 from pathlib import Path
 
 from hydra.core.config_store import ConfigStore
@@ -43,3 +44,25 @@ def register_experiments() -> list[str]:
         store.store(group="experiment", name=path.stem, node=OmegaConf.load(path), package="_global_")
         names.append(path.stem)
     return names
+
+
+_launch_time: datetime.datetime | None = None
+
+
+def set_launch_time(when: datetime.datetime | None) -> None:
+    """Fix the time that `${launch_time:...}` formats: every process of a distributed launch
+    sets rank 0's, so their run directories are one and the same. None: the current time."""
+    global _launch_time
+    _launch_time = when
+
+
+def register_resolvers() -> None:
+    """`${launch_time:PATTERN}`: Hydra's `${now:PATTERN}`, but the same in every process of a
+    torchrun launch (Hydra re-registers `now` itself, so it cannot be pinned). Cached per
+    config like `now`, and copied into sweep jobs (submitit's too) with Hydra's resolver cache."""
+    OmegaConf.register_new_resolver(
+        "launch_time",
+        lambda pattern: (_launch_time or datetime.datetime.now()).strftime(pattern),
+        use_cache=True,
+        replace=True,
+    )

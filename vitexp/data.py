@@ -451,7 +451,15 @@ class _Loader(abc.ABC):
     """Batches of one split in a fixed order, with the order exposed so that a resumed run
     can replay an epoch from any batch: `new_order()` draws an epoch's order (shuffled for
     training, from `generator` only), `iter_from(order, start)` yields its batches from batch
-    `start` on, already on the device and transformed."""
+    `start` on, already on the device and transformed; augmentation draws from
+    `augment_generator` (by default the same generator).
+
+    Data-parallel: with `world_size` > 1 every rank draws the same order and takes every
+    `world_size`-th entry from position `rank` on. Rank r's batch i then holds the entries of the
+    single-process batch i (of `world_size` × the per-rank batch size) that fall on r, so the
+    ranks together see exactly the global batches a single process would. Training shards are
+    cut to equal length (the same number of steps on every rank); evaluation shards keep every
+    sample once, so summed metrics count each exactly once."""
 
     def __init__(
         self,
@@ -462,6 +470,9 @@ class _Loader(abc.ABC):
         train: bool,
         device: torch.device,
         generator: torch.Generator | None = None,
+        augment_generator: torch.Generator | None = None,
+        rank: int = 0,
+        world_size: int = 1,
     ) -> None:
         if batch_size <= 0:
             raise ConfigError(f"batch size {batch_size} must be positive")
@@ -471,12 +482,16 @@ class _Loader(abc.ABC):
         self.train = train
         self.device = torch.device(device)
         self.generator = generator
+        self.augment_generator = augment_generator if augment_generator is not None else generator
+        self.rank = rank
+        self.world_size = world_size
 
     def __len__(self) -> int:
         # Training drops the short last batch so every step sees the same batch size;
         # evaluation keeps it so every sample is scored exactly once.
-        n = self.num_samples
-        return n // self.batch_size if self.train else math.ceil(n / self.batch_size)
+        if self.train:
+            return self.num_samples // self.world_size // self.batch_size
+        return math.ceil(len(range(self.rank, self.num_samples, self.world_size)) / self.batch_size)
 
     def new_order(self) -> Tensor:
         if self.train:
@@ -484,11 +499,13 @@ class _Loader(abc.ABC):
         return torch.arange(self.num_samples, device=self.device)
 
     def _batch_indices(self, order: Tensor, start: int) -> list[Tensor]:
-        return [order[i * self.batch_size : (i + 1) * self.batch_size] for i in range(start, len(self))]
+        shard = order[self.rank :: self.world_size]
+        return [shard[i * self.batch_size : (i + 1) * self.batch_size] for i in range(start, len(self))]
 
     def _finish(self, images: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
-        x = self.transform.train(images, self.generator) if self.train else self.transform.eval(images)
-        return x, labels
+        if self.train:
+            return self.transform.train(images, self.augment_generator), labels
+        return self.transform.eval(images), labels
 
     @abc.abstractmethod
     def iter_from(self, order: Tensor, start: int = 0) -> Iterator[tuple[Tensor, Tensor]]:
@@ -559,11 +576,22 @@ def make_loader(
     train: bool,
     device: torch.device,
     generator: torch.Generator | None = None,
+    augment_generator: torch.Generator | None = None,
     num_workers: int = 0,
+    rank: int = 0,
+    world_size: int = 1,
 ) -> DeviceLoader | FolderLoader:
     """The loader that fits the split: in-memory splits move to the device once; file splits
-    stream through DataLoader workers."""
-    common = {"batch_size": batch_size, "transform": transform, "train": train, "generator": generator}
+    stream through DataLoader workers. `rank`/`world_size` select a data-parallel shard."""
+    common = {
+        "batch_size": batch_size,
+        "transform": transform,
+        "train": train,
+        "generator": generator,
+        "augment_generator": augment_generator,
+        "rank": rank,
+        "world_size": world_size,
+    }
     if isinstance(split, FileSplit):
         return FolderLoader(split, device=device, num_workers=num_workers, **common)
     return DeviceLoader(split.to(device), **common)

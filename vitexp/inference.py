@@ -157,8 +157,10 @@ def load_trained(checkpoint: str | Path, device: str | torch.device = "cpu") -> 
     model = build("model", lambda: build_model(config["model"], load_pretrained=False))
     if not (hasattr(model, "img_size") and hasattr(model, "num_classes")):
         raise ConfigError(f"{path}: its model config builds a {type(model).__name__}, not a vitexp model")
+    # A run with trainer.ema_decay evaluated (and chose best.pt by) its weight average: use it.
+    weights = ckpt["ema"] if ckpt.get("ema") is not None else ckpt["model"]
     try:
-        model.load_state_dict(ckpt["model"])
+        model.load_state_dict(weights)
     except RuntimeError as e:
         # torch's message is a header line, then one line per kind of mismatch.
         lines = [line.strip() for line in str(e).splitlines() if line.strip()]

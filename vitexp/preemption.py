@@ -1,10 +1,13 @@
 """Stop at the next step boundary when the scheduler says so.
 
 SLURM sends SIGUSR1 (with `--signal`) or SIGTERM before it kills a job; so do most cluster
-schedulers and `kill`. The first such signal only sets a flag: the training loop finishes
-the step in flight, writes a checkpoint and raises `Preempted`. A second signal means the
-caller will not wait, so the process exits at once (checkpoints are written atomically, so
-the last complete one survives).
+schedulers and `kill`; submitit (Hydra's SLURM launcher) asks for SIGUSR2. The first such
+signal only sets a flag: the training loop finishes the step in flight, writes a checkpoint
+and raises `Preempted`. A second signal means the caller will not wait, so the process exits
+at once (checkpoints are written atomically, so the last complete one survives).
+
+When someone else had a handler for the signal (submitit's requeues the job), `pass_on`
+delivers the signal to it once the checkpoint is written.
 """
 
 from __future__ import annotations
@@ -18,7 +21,9 @@ from types import FrameType, TracebackType
 log = logging.getLogger(__name__)
 
 SIGNALS = tuple(
-    s for s in (getattr(signal, "SIGTERM", None), getattr(signal, "SIGUSR1", None)) if s is not None
+    s
+    for s in (getattr(signal, name, None) for name in ("SIGTERM", "SIGUSR1", "SIGUSR2"))
+    if s is not None
 )
 
 # sysexits.h EX_TEMPFAIL: "temporary failure, the user is invited to retry" — a requeue.
@@ -34,6 +39,16 @@ class Preempted(Exception):
             f"Resume with: {resume_command}"
         )
         self.checkpoint = checkpoint
+        self.signal_name = signal_name
+
+
+def pass_on(signal_name: str) -> None:
+    """Deliver the signal to the handler that was installed before ours, when that is Python
+    code (submitit's, which requeues the SLURM job); the default actions are not repeated."""
+    signum = getattr(signal, signal_name, None)
+    if signum is not None and callable(signal.getsignal(signum)):
+        log.info("passing %s on to the handler installed before vitexp's (submitit's requeues)", signal_name)
+        signal.raise_signal(signum)
 
 
 class PreemptionGuard:

@@ -27,8 +27,11 @@ from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from torch import Tensor, nn
+from torch.nn.parallel import DistributedDataParallel
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from tqdm import tqdm
 
+from vitexp import distributed
 from vitexp.augment import RandAugment, TrivialAugment, mixup_cutmix
 from vitexp.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state, unwrap
 from vitexp.data import BatchTransform, ImageData, carve_validation, make_loader
@@ -108,6 +111,12 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def rank_seed(*parts: int) -> int:
+    """A seed for one stream of one rank (e.g. seed, rank, stream), well mixed by numpy's
+    SeedSequence: nearby inputs give unrelated streams."""
+    return int(np.random.SeedSequence([p % 2**32 for p in parts]).generate_state(1)[0])
+
+
 def check_settings(cfg: DictConfig) -> None:
     """Reject values that cannot work before anything is built."""
     missing = sorted(OmegaConf.missing_keys(cfg))
@@ -139,8 +148,47 @@ def check_settings(cfg: DictConfig) -> None:
         )
     if (cfg.optimizer.get("weight_decay") or 0) < 0:
         raise ConfigError(f"optimizer.weight_decay={cfg.optimizer.weight_decay} must not be negative")
+    if t.get("ema_decay") is not None and not 0 < t.ema_decay < 1:
+        raise ConfigError(
+            f"trainer.ema_decay={t.ema_decay} must be between 0 and 1 (e.g. 0.999), or null for no EMA"
+        )
     if t.monitor not in MONITORS:
         raise ConfigError(f"trainer.monitor={t.monitor!r} is not one of {', '.join(MONITORS)}")
+
+
+def quiet_rank() -> None:
+    """Data-parallel ranks other than 0 log warnings and errors only, and to the console only:
+    rank 0 reports the run, and Hydra's log file in the shared run dir is rank 0's."""
+    logging.getLogger("vitexp").setLevel(logging.WARNING)
+    root = logging.getLogger()
+    for handler in list(root.handlers):
+        if isinstance(handler, logging.FileHandler):
+            root.removeHandler(handler)
+            handler.close()
+
+
+def restore_rank_rng(
+    ckpt: dict, world: distributed.World, augment_generator: torch.Generator, seed: int
+) -> None:
+    """After `set_rng_state(ckpt["rng"], ...)` restored rank 0's streams (the shared shuffle
+    among them), give each data-parallel rank back its own dropout and augmentation streams.
+    With another number of processes than the checkpoint's, the shuffle continues but the
+    per-rank streams start afresh (from the seed, the rank and the step): not bitwise."""
+    saved = int(ckpt.get("world_size") or 1)
+    if saved != world.size:
+        log.warning(
+            "the checkpoint was written by %d process(es), this run has %d: the data order continues, "
+            "augmentation and dropout draws start afresh", saved, world.size,
+        )  # fmt: skip
+    if not world.distributed:
+        return
+    rank_rngs = ckpt.get("rank_rng")
+    if rank_rngs and len(rank_rngs) == world.size:
+        set_rng_state(rank_rngs[world.rank], augment_generator)
+        return
+    step = int(ckpt["global_step"])
+    augment_generator.manual_seed(rank_seed(seed, world.rank, 1, step))
+    torch.manual_seed(rank_seed(seed, world.rank, 2, step))
 
 
 def run_dir_of(cfg: DictConfig) -> Path:
@@ -196,8 +244,12 @@ def build_loggers(
 
 def resolve_resume(setting: Any, run_dir: Path) -> Path | None:
     """`trainer.resume`: null (fresh run), `auto` (this run dir's last.pt when there is one,
-    so re-running a command continues it) or a checkpoint path."""
+    so re-running a command continues it) or a checkpoint path. A SLURM job that was requeued
+    (after preemption or its time limit) resumes as with `auto`: it is the same run."""
     if setting in (None, "", False):
+        if int(os.environ.get("SLURM_RESTART_COUNT") or 0) > 0 and (run_dir / "last.pt").is_file():
+            log.info("requeued SLURM job (restart %s): resuming", os.environ["SLURM_RESTART_COUNT"])
+            return run_dir / "last.pt"
         return None
     if str(setting) == "auto":
         last = run_dir / "last.pt"
@@ -208,8 +260,8 @@ def resolve_resume(setting: Any, run_dir: Path) -> Path | None:
     return path
 
 
-def resume_command(run_dir: Path) -> str:
-    """The command that continues this run in the same directory."""
+def resume_command(run_dir: Path, world: distributed.World = distributed.SINGLE_PROCESS) -> str:
+    """The command that continues this run in the same directory (with the same launcher)."""
     overrides = []
     if HydraConfig.initialized():
         overrides = [
@@ -218,14 +270,21 @@ def resume_command(run_dir: Path) -> str:
             if not o.startswith(("trainer.resume=", "hydra.run.dir=", "hydra.sweep."))
         ]
     args = [*overrides, f"hydra.run.dir={run_dir}", "trainer.resume=auto"]
-    return "python -m vitexp " + " ".join(shlex.quote(a) for a in args)
+    launcher = "python -m vitexp"
+    if world.distributed:
+        launcher = "torchrun [the same torchrun options] -m vitexp"
+        if os.environ.get("LOCAL_WORLD_SIZE") == str(world.size):  # a single node
+            launcher = f"torchrun --nproc_per_node={world.size} -m vitexp"
+    return f"{launcher} " + " ".join(shlex.quote(a) for a in args)
 
 
 class LossWindow:
     """Training losses summed on the device between two log points (no host sync per step),
-    with a device-side record of the first non-finite step."""
+    with a device-side record of the first non-finite step. Data-parallel ranks sum their
+    windows at each read, so every rank reports (and acts on) the global figures."""
 
-    def __init__(self, device: torch.device) -> None:
+    def __init__(self, device: torch.device, world: distributed.World = distributed.SINGLE_PROCESS) -> None:
+        self.world = world
         self.loss = torch.zeros((), device=device)
         self.steps = torch.zeros((), device=device, dtype=torch.long)
         self.epoch_loss = torch.zeros((), device=device)
@@ -241,15 +300,26 @@ class LossWindow:
         self.count += 1
 
     def first_nonfinite_step(self) -> int | None:
-        bad = int(self.first_bad.item())
+        """The first step with a non-finite loss on any rank (collective: every rank calls it)."""
+        bad = self.first_bad.clone()
+        if self.world.distributed:  # the earliest over the ranks; -1 (none) must not win
+            bad = torch.where(bad < 0, torch.iinfo(torch.long).max, bad)
+            torch.distributed.all_reduce(bad, op=torch.distributed.ReduceOp.MIN)
+            bad = torch.where(bad == torch.iinfo(torch.long).max, -1, bad)
+        bad = int(bad.item())
         return bad if bad >= 0 else None
 
     def flush(self) -> tuple[float, int, float]:
-        """(mean loss of the finite steps, steps, seconds) since the last flush; then reset."""
+        """(mean loss of the finite steps, steps, seconds) since the last flush; then reset.
+        Collective when data-parallel: the loss is the mean over all ranks' samples."""
+        distributed.sum_(self.loss, self.world)
+        distributed.sum_(self.steps, self.world)
         steps, total = int(self.steps.item()), float(self.loss.item())
         seconds = max(time.time() - self.started, 1e-9)
         self.epoch_loss += self.loss
         self.epoch_steps += steps
+        # Per-rank sums of per-rank means: steps counts rank-steps, so total / steps is the
+        # mean over global batches.
         count = self.count
         self.loss.zero_()
         self.steps.zero_()
@@ -292,13 +362,17 @@ class Checkpointer:
     """Writes last.pt / best.pt / epoch{N}.pt. A failed write (disk full) keeps the previous
     file and says so instead of stopping the run; `keep_last_k` bounds the epoch files."""
 
-    def __init__(self, run_dir: Path, keep_last_k: int | None) -> None:
+    def __init__(self, run_dir: Path, keep_last_k: int | None, writes: bool = True) -> None:
         self.run_dir = run_dir
         self.keep_last_k = keep_last_k
+        self.writes = writes  # False on data-parallel ranks other than 0
         self.last_good: str | None = None
 
     def save(self, state: dict, name: str) -> bool:
         path = self.run_dir / name
+        if not self.writes:
+            self.last_good = f"{path} (step {state['global_step']})"
+            return True
         try:
             save_checkpoint(state, path)
         except OSError as e:
@@ -317,14 +391,20 @@ class Checkpointer:
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, loader: Any, autocast: contextlib.AbstractContextManager) -> dict[str, float]:
+def evaluate(
+    model: nn.Module,
+    loader: Any,
+    autocast: contextlib.AbstractContextManager,
+    world: distributed.World = distributed.SINGLE_PROCESS,
+) -> dict[str, float]:
     """Loss, top-1 and top-5 accuracy over exactly the samples of `loader`: sums over
-    samples divided by the sample count, so a short last batch weighs what it holds."""
+    samples divided by the sample count, so a short last batch weighs what it holds. With
+    data-parallel ranks each scores its shard and the sums are added over the ranks."""
     model.eval()
-    loss_sum = torch.zeros((), device=loader.device)
+    loss_sum = torch.zeros((), device=loader.device, dtype=torch.float64)
     correct1 = torch.zeros((), device=loader.device, dtype=torch.long)
     correct5 = torch.zeros((), device=loader.device, dtype=torch.long)
-    count = 0
+    count = torch.zeros((), device=loader.device, dtype=torch.long)
     for x, y in loader:
         with autocast:
             logits = model(x)
@@ -334,7 +414,10 @@ def evaluate(model: nn.Module, loader: Any, autocast: contextlib.AbstractContext
         correct1 += (top[:, 0] == y).sum()
         correct5 += (top == y[:, None]).any(dim=1).sum()
         count += len(y)
-    return {"loss": loss_sum.item() / count, "acc1": correct1.item() / count, "acc5": correct5.item() / count}
+    for total in (loss_sum, correct1, correct5, count):
+        distributed.sum_(total, world)
+    n = count.item()
+    return {"loss": loss_sum.item() / n, "acc1": correct1.item() / n, "acc5": correct5.item() / n}
 
 
 @torch.no_grad()
@@ -378,12 +461,25 @@ def train(cfg: DictConfig) -> float:
     started = time.time()
     check_settings(cfg)
     t = cfg.trainer
-    run_dir = run_dir_of(cfg)
-    run_dir.mkdir(parents=True, exist_ok=True)
+    # Data-parallel when launched as a group (torchrun, or a SLURM job of several tasks): each
+    # rank trains on its shard of every global batch; rank 0 alone writes anything.
+    world = distributed.launch_world()
+    distributed.init(world)
+    if not world.is_main:
+        quiet_rank()
+    if t.batch_size % (world.size * t.grad_accum_steps):
+        raise ConfigError(
+            f"trainer.batch_size={t.batch_size} does not split evenly over {world.size} processes × "
+            f"{t.grad_accum_steps} accumulation steps; use a multiple of {world.size * t.grad_accum_steps}"
+        )
+    run_dir = Path(distributed.agree(str(run_dir_of(cfg)), world))
+    if world.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    distributed.barrier(world)
     resume_path = resolve_resume(t.get("resume"), run_dir)
     ckpt = load_checkpoint(resume_path) if resume_path else None
     seed_everything(int(cfg.seed))
-    device = pick_device(t.device)
+    device = distributed.device_for(world, str(pick_device(t.device)))
     autocast = autocast_context(device, t.precision)
     if device.type == "cuda":
         # TF32 matmuls on Ampere and newer: fp32-like accuracy at tensor-core speed.
@@ -415,16 +511,29 @@ def train(cfg: DictConfig) -> float:
     model = build("model", lambda: build_model(cfg.model, load_pretrained=ckpt is None)).to(device)
     transform = build("dataset.augment", lambda: build_transform(cfg, unwrap(model).img_size))
     # Shuffling and augmentation draw from this generator only, so the seed (or a
-    # checkpoint's copy of its state) decides every batch.
+    # checkpoint's copy of its state) decides every batch. Data-parallel ranks share the
+    # shuffle (the same seed) but each augments its shard from a stream of its own.
     data_generator = torch.Generator(device=device).manual_seed(int(cfg.seed))
+    augment_generator = data_generator
+    if world.distributed:
+        augment_generator = torch.Generator(device=device).manual_seed(
+            rank_seed(int(cfg.seed), world.rank, 1)
+        )
     num_workers = cfg.dataset.get("num_workers")
     num_workers = min(4, os.cpu_count() or 1) if num_workers is None else int(num_workers)
-    loader_args = {"transform": transform, "device": device, "num_workers": num_workers}
+    loader_args = {
+        "transform": transform,
+        "device": device,
+        "num_workers": num_workers,
+        "rank": world.rank,
+        "world_size": world.size,
+    }
     train_loader = make_loader(
         train_split,
-        batch_size=t.batch_size // t.grad_accum_steps,
+        batch_size=t.batch_size // (world.size * t.grad_accum_steps),
         train=True,
         generator=data_generator,
+        augment_generator=augment_generator,
         **loader_args,
     )
     eval_loader = make_loader(eval_split, batch_size=t.eval_batch_size, train=False, **loader_args)
@@ -464,6 +573,7 @@ def train(cfg: DictConfig) -> float:
         scheduler.load_state_dict(ckpt["scheduler"])
         scaler.load_state_dict(ckpt["scaler"])
         set_rng_state(ckpt["rng"], data_generator)
+        restore_rank_rng(ckpt, world, augment_generator, int(cfg.seed))
         global_step, train_seconds = ckpt["global_step"], ckpt["train_seconds"]
         best_value, best_epoch = ckpt["best_metric"], ckpt["best_epoch"]
         if ckpt["epoch_complete"]:
@@ -475,31 +585,54 @@ def train(cfg: DictConfig) -> float:
                 ckpt["order"].to(device),
             )
         log.info("resuming from %s: epoch %d, step %d", resume_path, start_epoch, global_step)
+    # EMA of the weights (Polyak averaging, as timm's ModelEma): updated after every optimizer
+    # step; when on, it is the model that is evaluated, picks best.pt and is used for inference.
+    ema = None
+    if t.get("ema_decay"):
+        ema = AveragedModel(
+            unwrap(model), multi_avg_fn=get_ema_multi_avg_fn(float(t.ema_decay)), use_buffers=True
+        )
+        if ckpt is not None and ckpt.get("ema") is not None:
+            ema.module.load_state_dict(ckpt["ema"])
+            ema.n_averaged.fill_(int(ckpt["ema_updates"]))
+        elif ckpt is not None:
+            log.warning("the checkpoint has no EMA weights; the EMA starts from its weights now")
+    if world.distributed and ckpt is None:
+        # Same initial weights on every rank (the common seed), different dropout masks.
+        torch.manual_seed(rank_seed(int(cfg.seed), world.rank, 2))
+    eval_model = ema.module if ema is not None else model
+    if world.distributed:
+        model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     forward = torch.compile(model) if t.compile else model
 
     # Records: the resolved config next to Hydra's, metrics.jsonl, optional W&B.
     config = OmegaConf.to_container(cfg, resolve=True)
-    (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
-    loggers = build_loggers(
-        cfg,
-        run_dir,
-        config,
-        resume_step=global_step if ckpt else None,
-        run_ids=(ckpt or {}).get("logger_ids"),
-    )
+    loggers = Loggers([])
+    if world.is_main:
+        (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+        loggers = build_loggers(
+            cfg,
+            run_dir,
+            config,
+            resume_step=global_step if ckpt else None,
+            run_ids=(ckpt or {}).get("logger_ids"),
+        )
     n_params = sum(p.numel() for p in model.parameters())
+    where = f"{world.size} processes × {device.type}" if world.distributed else str(device)
     log.info(
         "%.2fM params | %d train / %d %s images | %d epochs × %d steps × %d images | %s, %s | %s",
         n_params / 1e6, len(train_split), len(eval_split), eval_name, max_epochs, steps_per_epoch,
-        t.batch_size, device, t.precision, run_dir,
+        t.batch_size, where, t.precision, run_dir,
     )  # fmt: skip
 
-    checkpointer = Checkpointer(run_dir, t.keep_last_k)
-    window = LossWindow(device)
+    checkpointer = Checkpointer(run_dir, t.keep_last_k, writes=world.is_main)
+    window = LossWindow(device, world)
     skip_nonfinite = t.on_nonfinite == "skip"
     eval_metrics: dict[str, float] = {}
 
     def state(epoch: int, step_in_epoch: int, order: Tensor | None, seconds: float) -> dict:
+        """What a checkpoint holds (collective when data-parallel: every rank's RNG states)."""
+        rank_rngs = distributed.gather(rng_state(augment_generator), world) if world.distributed else None
         return {
             "model": unwrap(model).state_dict(),
             "optimizer": optimizer.state_dict(),
@@ -514,9 +647,13 @@ def train(cfg: DictConfig) -> float:
             "best_metric": best_value,
             "best_epoch": best_epoch,
             "rng": rng_state(data_generator),
+            "world_size": world.size,
+            "rank_rng": rank_rngs,
             "config": config,
             "classes": data.classes,
             "logger_ids": loggers.run_ids(),
+            "ema": ema.module.state_dict() if ema is not None else None,
+            "ema_updates": int(ema.n_averaged) if ema is not None else 0,
         }
 
     def stop_if_nonfinite() -> None:
@@ -543,6 +680,10 @@ def train(cfg: DictConfig) -> float:
             )
             bar.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{lr:.2e}")
 
+    def out_of_time() -> bool:
+        # Rank 0's clock decides, so every rank stops after the same step.
+        return budget is not None and bool(distributed.agree(budget.spent, world))
+
     budget = None
     if t.max_time:
         # The budget covers training and per-epoch evaluation; a resumed run gets what is left.
@@ -551,7 +692,7 @@ def train(cfg: DictConfig) -> float:
     try:
         with PreemptionGuard() as preemption:
             epoch = start_epoch - 1
-            while global_step < total_steps and not (budget and budget.spent):
+            while global_step < total_steps and not out_of_time():
                 epoch += 1
                 epoch_start = time.time()
                 max_epochs = math.ceil(total_steps / steps_per_epoch)
@@ -566,22 +707,25 @@ def train(cfg: DictConfig) -> float:
                     initial=first,
                     total=steps,
                     leave=False,
-                    disable=None if t.progress else True,
+                    disable=None if t.progress and world.is_main else True,
                 )
                 for i in bar:
                     if global_step >= total_steps:  # the time budget shortened the run
                         break
                     step_loss = torch.zeros((), device=device)
-                    for _ in range(t.grad_accum_steps):
+                    for micro in range(t.grad_accum_steps):
                         x, y = next(batches)
                         if mixing:  # soft targets; CrossEntropyLoss takes them as they are
                             x, y = mixup_cutmix(
                                 x, y, num_classes=data.num_classes, mixup_alpha=float(t.mixup_alpha),
-                                cutmix_alpha=float(t.cutmix_alpha), generator=data_generator,
+                                cutmix_alpha=float(t.cutmix_alpha), generator=augment_generator,
                             )  # fmt: skip
-                        with autocast:
-                            loss = criterion(forward(x), y) / t.grad_accum_steps
-                        scaler.scale(loss).backward()
+                        # DDP averages gradients over the ranks once per step, on the last micro-batch.
+                        last = micro == t.grad_accum_steps - 1
+                        with model.no_sync() if world.distributed and not last else contextlib.nullcontext():
+                            with autocast:
+                                loss = criterion(forward(x), y) / t.grad_accum_steps
+                            scaler.scale(loss).backward()
                         step_loss += loss.detach()
                     finite = torch.isfinite(step_loss)
                     if t.grad_clip:
@@ -592,26 +736,35 @@ def train(cfg: DictConfig) -> float:
                     # Skipping must know now: one host sync per step, as fp16's GradScaler (which
                     # skips by itself) does. Stopping need not: the window keeps a device-side
                     # flag that is read at the next log point.
+                    if skip_nonfinite and world.distributed:  # skip on every rank or on none
+                        finite = distributed.all_true(finite, world)
                     if skip_nonfinite and not scaler.is_enabled() and not bool(finite):
                         log.warning("step %d: non-finite loss or gradient; step skipped", global_step + 1)
                     else:
                         scaler.step(optimizer)
                         scaler.update()
+                        if ema is not None:
+                            ema.update_parameters(unwrap(model))
                     optimizer.zero_grad(set_to_none=True)
                     scheduler.step()
                     global_step += 1
                     window.add(step_loss, finite, global_step)
-                    at_checkpoint = preemption.requested or (
+                    at_log = global_step % t.log_every_steps == 0
+                    preempted = preemption.requested
+                    if world.distributed:
+                        # Signals reach the ranks at different moments; they agree at log points.
+                        preempted = at_log and bool(distributed.gather(preempted, world).count(True))
+                    at_checkpoint = preempted or (
                         t.checkpoint_every_steps
                         and global_step % t.checkpoint_every_steps == 0
                         and i < steps - 1
                     )
-                    if global_step % t.log_every_steps == 0 or at_checkpoint:
+                    if at_log or at_checkpoint:
                         if not skip_nonfinite:
                             stop_if_nonfinite()
                         log_window(epoch)
                         if budget is not None:
-                            fitted = budget.total_steps(global_step)
+                            fitted = distributed.agree(budget.total_steps(global_step), world)
                             if fitted != total_steps:
                                 total_steps = fitted
                                 scheduler.lr_lambdas = [schedule_for(total_steps)] * len(
@@ -622,12 +775,13 @@ def train(cfg: DictConfig) -> float:
                         # run replay exactly the batches this one had left.
                         seconds = train_seconds + time.time() - epoch_start
                         checkpointer.save(state(epoch, i + 1, order, seconds), "last.pt")
-                        if preemption.requested:
+                        if preempted:
+                            distributed.barrier(world)  # no rank leaves before rank 0 has saved
                             raise Preempted(
-                                preemption.signal_name,
+                                preemption.signal_name or "a signal to another rank",
                                 global_step,
                                 str(run_dir / "last.pt"),
-                                resume_command(run_dir),
+                                resume_command(run_dir, world),
                             )
                 bar.close()
                 if window.count:
@@ -636,8 +790,14 @@ def train(cfg: DictConfig) -> float:
                     log_window(epoch)
                 train_seconds += time.time() - epoch_start
 
-                eval_metrics = {f"val/{k}": v for k, v in evaluate(model, eval_loader, autocast).items()}
-                loggers.log({**eval_metrics, "epoch": epoch}, step=global_step)
+                eval_metrics = {
+                    f"val/{k}": v for k, v in evaluate(eval_model, eval_loader, autocast, world).items()
+                }
+                raw_metrics = {}
+                if ema is not None:  # the raw weights too, to see what the averaging gives
+                    raw = evaluate(unwrap(model), eval_loader, autocast, world)
+                    raw_metrics = {f"val_raw/{k}": v for k, v in raw.items()}
+                loggers.log({**eval_metrics, **raw_metrics, "epoch": epoch}, step=global_step)
                 current = eval_metrics[monitor]
                 improved = current > best_value if maximize else current < best_value
                 if improved:
@@ -656,10 +816,12 @@ def train(cfg: DictConfig) -> float:
                     checkpointer.save(end_state, f"epoch{epoch}.pt")
 
         if not eval_metrics:  # resumed a finished run: report it again
-            eval_metrics = {f"val/{k}": v for k, v in evaluate(model, eval_loader, autocast).items()}
-        if t.sample_figures:
+            eval_metrics = {
+                f"val/{k}": v for k, v in evaluate(eval_model, eval_loader, autocast, world).items()
+            }
+        if t.sample_figures and world.is_main:
             log_sample_predictions(
-                unwrap(model), eval_split, transform, data.classes, run_dir, loggers, global_step
+                unwrap(eval_model), eval_split, transform, data.classes, run_dir, loggers, global_step
             )
         images_per_sec = global_step * t.batch_size / max(train_seconds, 1e-9)
         summary = {
@@ -675,12 +837,15 @@ def train(cfg: DictConfig) -> float:
             "images_per_sec": round(images_per_sec, 1),
             "params": n_params,
             "device": str(device),
+            "world_size": world.size,
             "precision": t.precision,
+            "ema_decay": t.get("ema_decay"),
             "run_dir": str(run_dir),
             "resumed_from": str(resume_path) if resume_path else None,
             **git_state(),
         }
-        write_json(run_dir / "summary.json", summary)
+        if world.is_main:
+            write_json(run_dir / "summary.json", summary)
         loggers.summary({f"best/{monitor}": best_value, **{f"final/{k}": v for k, v in eval_metrics.items()}})
         log.info(
             "done: best %s %.4f (epoch %d), final %.4f | %.1f s training, %.0f images/s | %s",

@@ -211,6 +211,8 @@ class CCT(nn.Module):
         attention_dropout_rate: float = 0.1,
         drop_path_rate: float = 0.1,
         norm_eps: float = 1e-5,
+        layer_scale_init: float | None = None,
+        locality_attention: bool = False,
     ) -> None:
         super().__init__()
         for name, value in (("hidden_size", hidden_size), ("num_heads", num_heads), ("mlp_dim", mlp_dim)):
@@ -243,6 +245,8 @@ class CCT(nn.Module):
             attention_dropout_rate=attention_dropout_rate,
             drop_path_rate=drop_path_rate,
             norm_eps=norm_eps,
+            layer_scale_init=layer_scale_init,
+            locality_attention=locality_attention,
         )
         self.attention_pool = nn.Linear(hidden_size, 1)
         self.head = nn.Linear(hidden_size, num_classes) if num_classes > 0 else nn.Identity()
@@ -275,6 +279,8 @@ class CCT(nn.Module):
             elif isinstance(module, nn.LayerNorm):
                 nn.init.ones_(module.weight)
                 nn.init.zeros_(module.bias)
+        # self.modules() reaches LayerScale and LSA parameters too, but none of the branches above
+        # touches them: they keep the values their modules were built with.
         if isinstance(self.embeddings.position_embeddings, nn.Parameter):
             nn.init.trunc_normal_(self.embeddings.position_embeddings, std=0.2)
 

@@ -70,6 +70,7 @@ class Embeddings(nn.Module):
         hidden_size: int = 768,
         dropout_rate: float = 0.0,
         class_token: bool = True,
+        shifted_patches: bool = False,
     ) -> None:
         super().__init__()
         height, width = _pair(img_size)
@@ -84,7 +85,15 @@ class Embeddings(nn.Module):
         self.grid_size = (height // patch_size, width // patch_size)
         self.num_patches = self.grid_size[0] * self.grid_size[1]
         self.num_prefix_tokens = 1 if class_token else 0
-        self.patch_embeddings = nn.Conv2d(in_channels, hidden_size, kernel_size=patch_size, stride=patch_size)
+        # Shifted patch tokenization (Lee et al. 2021, "Vision Transformer for Small-Size
+        # Datasets"): each patch also sees the image shifted by half a patch in the four diagonal
+        # directions (5× the channels), and its flattened pixels are layer-normalised before the
+        # linear projection. The projection stays a Conv2d so initialisation and shapes read as
+        # for plain patches; its weight, flattened, is the linear map of the paper.
+        self.shifted_patches = shifted_patches
+        channels = in_channels * 5 if shifted_patches else in_channels
+        self.patch_norm = nn.LayerNorm(channels * patch_size**2) if shifted_patches else None
+        self.patch_embeddings = nn.Conv2d(channels, hidden_size, kernel_size=patch_size, stride=patch_size)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, hidden_size)) if class_token else None
         self.position_embeddings = nn.Parameter(
             torch.zeros(1, self.num_patches + self.num_prefix_tokens, hidden_size)
@@ -97,10 +106,26 @@ class Embeddings(nn.Module):
                 f"input images are {tuple(x.shape[-2:])} but the model was built for {self.img_size}: "
                 f"resize the inputs or set img_size"
             )
-        x = self.patch_embeddings(x).flatten(2).transpose(1, 2)  # (B, num_patches, hidden)
+        if self.shifted_patches:
+            x = self._shifted_patch_tokens(x)
+        else:
+            x = self.patch_embeddings(x).flatten(2).transpose(1, 2)  # (B, num_patches, hidden)
         if self.cls_token is not None:
             x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1)
         return self.dropout(x + self.position_embeddings)
+
+    def _shifted_patch_tokens(self, x: Tensor) -> Tensor:
+        shift = max(1, self.patch_size // 2)
+        height, width = self.img_size
+        padded = F.pad(x, (shift, shift, shift, shift))  # zeros enter where the image moved away
+        views = [x] + [
+            padded[..., shift + dy : shift + dy + height, shift + dx : shift + dx + width]
+            for dy, dx in ((-shift, -shift), (-shift, shift), (shift, -shift), (shift, shift))
+        ]
+        # unfold orders each patch as (channel, row, column), the order of a flattened conv weight.
+        patches = F.unfold(torch.cat(views, dim=1), self.patch_size, stride=self.patch_size).transpose(1, 2)
+        conv = self.patch_embeddings
+        return F.linear(self.patch_norm(patches), conv.weight.flatten(1), conv.bias)
 
 
 class Attention(nn.Module):
@@ -114,6 +139,7 @@ class Attention(nn.Module):
         qkv_bias: bool = True,
         attention_dropout_rate: float = 0.0,
         dropout_rate: float = 0.0,
+        locality: bool = False,
     ) -> None:
         super().__init__()
         if hidden_size % num_heads:
@@ -129,17 +155,32 @@ class Attention(nn.Module):
         # The article's projection dropout read the attention-dropout rate; it is the
         # ordinary dropout rate here, as in the ViT paper.
         self.proj_dropout = nn.Dropout(dropout_rate)
+        # Locality self-attention (Lee et al. 2021): a learnable softmax temperature per head
+        # (starting at the usual 1/sqrt(head_dim)) and no token attending to itself, which
+        # sharpens attention towards other tokens on small datasets.
+        self.locality = locality
+        self.scale = nn.Parameter(torch.full((num_heads,), self.head_dim**-0.5)) if locality else None
 
     def _qkv(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         batch, tokens, _ = x.shape
         qkv = self.qkv(x).reshape(batch, tokens, 3, self.num_heads, self.head_dim)
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each (B, heads, tokens, head_dim)
+        if self.scale is not None:
+            # The fused kernel divides by sqrt(head_dim) itself; fold the learned scale into q.
+            q = q * (self.scale * math.sqrt(self.head_dim)).view(1, -1, 1, 1).to(q.dtype)
         return q, k, v
+
+    def _mask(self, tokens: int, device: torch.device) -> Tensor | None:
+        """Where attention may look (True), or None for everywhere: LSA hides the diagonal."""
+        if not self.locality:
+            return None
+        return ~torch.eye(tokens, dtype=torch.bool, device=device)
 
     def forward(self, x: Tensor) -> Tensor:
         q, k, v = self._qkv(x)
         dropout = self.attention_dropout_rate if self.training else 0.0
-        x = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout)
+        mask = self._mask(x.shape[1], x.device)
+        x = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout)
         x = x.transpose(1, 2).reshape(x.shape[0], -1, self.num_heads * self.head_dim)
         return self.proj_dropout(self.out(x))
 
@@ -149,8 +190,11 @@ class Attention(nn.Module):
         The explicit path that the fused kernel cannot give; used only for inspection.
         """
         q, k, _ = self._qkv(x)
-        scores = (q @ k.transpose(-2, -1)) / math.sqrt(self.head_dim)
-        return scores.float().softmax(dim=-1)
+        scores = ((q @ k.transpose(-2, -1)) / math.sqrt(self.head_dim)).float()
+        mask = self._mask(x.shape[1], x.device)
+        if mask is not None:
+            scores = scores.masked_fill(~mask, -math.inf)
+        return scores.softmax(dim=-1)
 
 
 class Mlp(nn.Module):
@@ -182,6 +226,7 @@ class Block(nn.Module):
         drop_path_rate: float = 0.0,
         layer_scale_init: float | None = None,
         norm_eps: float = 1e-6,
+        locality_attention: bool = False,
     ) -> None:
         super().__init__()
         self.attention_norm = nn.LayerNorm(hidden_size, eps=norm_eps)
@@ -191,6 +236,7 @@ class Block(nn.Module):
             qkv_bias=qkv_bias,
             attention_dropout_rate=attention_dropout_rate,
             dropout_rate=dropout_rate,
+            locality=locality_attention,
         )
         self.ls1 = LayerScale(hidden_size, layer_scale_init) if layer_scale_init else nn.Identity()
         self.ffn_norm = nn.LayerNorm(hidden_size, eps=norm_eps)
@@ -219,6 +265,7 @@ class Encoder(nn.Module):
         drop_path_rate: float = 0.0,
         layer_scale_init: float | None = None,
         norm_eps: float = 1e-6,
+        locality_attention: bool = False,
     ) -> None:
         super().__init__()
         # Stochastic depth grows linearly with depth (Huang et al. 2016; as in DeiT/timm).
@@ -235,6 +282,7 @@ class Encoder(nn.Module):
                 drop_path_rate=rate,
                 layer_scale_init=layer_scale_init,
                 norm_eps=norm_eps,
+                locality_attention=locality_attention,
             )
             for rate in rates
         )
@@ -269,15 +317,19 @@ class VisionTransformer(nn.Module):
         attention_dropout_rate: float = 0.0,
         drop_path_rate: float = 0.0,
         layer_scale_init: float | None = None,
-        classifier: Literal["token", "gap"] = "token",
+        classifier: Literal["token", "gap", "seqpool"] = "token",
         representation_size: int | None = None,
         zero_head: bool = False,
         norm_eps: float = 1e-6,
+        shifted_patches: bool = False,
+        locality_attention: bool = False,
         embed_layer: Callable[..., nn.Module] = Embeddings,
     ) -> None:
         super().__init__()
-        if classifier not in ("token", "gap"):
-            raise ConfigError(f"classifier={classifier!r} is not one of 'token', 'gap'")
+        if classifier not in ("token", "gap", "seqpool"):
+            raise ConfigError(f"classifier={classifier!r} is not one of 'token', 'gap', 'seqpool'")
+        if shifted_patches and embed_layer is not Embeddings:
+            raise ConfigError("shifted_patches=true needs the plain patch embedding; this model has its own")
         for name, value in (
             ("patch_size", patch_size),
             ("hidden_size", hidden_size),
@@ -299,6 +351,7 @@ class VisionTransformer(nn.Module):
             hidden_size=hidden_size,
             dropout_rate=dropout_rate,
             class_token=classifier == "token",
+            **({"shifted_patches": True} if shifted_patches else {}),
         )
         self.encoder = Encoder(
             hidden_size=hidden_size,
@@ -311,7 +364,11 @@ class VisionTransformer(nn.Module):
             drop_path_rate=drop_path_rate,
             layer_scale_init=layer_scale_init,
             norm_eps=norm_eps,
+            locality_attention=locality_attention,
         )
+        # Sequence pooling (Hassani et al. 2021, CCT): a linear score per output token, and the
+        # softmax of the scores weighs the tokens' average; no class token is needed.
+        self.attention_pool = nn.Linear(hidden_size, 1) if classifier == "seqpool" else None
         # The paper's optional pre-logits layer (a tanh-activated projection) used when
         # pre-training on ImageNet-21k; dropped when fine-tuning.
         if representation_size:
@@ -354,6 +411,9 @@ class VisionTransformer(nn.Module):
             for linear in (block.attn.qkv, block.attn.out):
                 if linear.bias is not None:
                     nn.init.zeros_(linear.bias)
+        if self.attention_pool is not None:
+            nn.init.trunc_normal_(self.attention_pool.weight, std=0.02)
+            nn.init.zeros_(self.attention_pool.bias)
         if isinstance(self.pre_logits, nn.Sequential):
             lecun = math.sqrt(1.0 / self.pre_logits[0].in_features) / 0.87962566103423978
             nn.init.trunc_normal_(self.pre_logits[0].weight, std=lecun)
@@ -374,7 +434,13 @@ class VisionTransformer(nn.Module):
         return self.encoder(self.embeddings(x))
 
     def forward_head(self, tokens: Tensor, pre_logits: bool = False) -> Tensor:
-        x = tokens[:, 0] if self.classifier == "token" else tokens.mean(dim=1)
+        if self.classifier == "token":
+            x = tokens[:, 0]
+        elif self.classifier == "seqpool":
+            weights = F.softmax(self.attention_pool(tokens), dim=1)  # (B, tokens, 1)
+            x = (weights.transpose(1, 2) @ tokens).squeeze(1)
+        else:
+            x = tokens.mean(dim=1)
         x = self.pre_logits(x)
         return x if pre_logits else self.head(x)
 
