@@ -14,7 +14,7 @@ trains fewer epochs. Every row prints the load average before it starts; the bud
 the machine is otherwise idle (run nothing else: 2-thread runs slow down many times when
 another job shares the cores).
 
-    python benchmarks/ablation.py                 # all rows, 180 s each (~75 minutes)
+    python benchmarks/ablation.py                 # all rows, 180 s each (70 minutes here)
     python benchmarks/ablation.py --rows preset ema --budget 600
 
 Finished rows are kept in --out (one run dir each) and not run again, so an interrupted

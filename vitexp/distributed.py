@@ -134,6 +134,15 @@ def all_true(flag: Tensor, world: World) -> Tensor:
     return as_int.bool()
 
 
+def any_rank(flag: bool, world: World) -> bool:
+    """Whether `flag` holds on any rank: one small all-reduce, no pickling."""
+    if not world.distributed:
+        return flag
+    value = torch.tensor([int(flag)], dtype=torch.int32)  # a CPU tensor: gloo carries it
+    dist.all_reduce(value, op=dist.ReduceOp.MAX)
+    return bool(value.item())
+
+
 def barrier(world: World) -> None:
     if world.distributed:
         dist.barrier()

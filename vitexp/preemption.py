@@ -21,9 +21,7 @@ from types import FrameType, TracebackType
 log = logging.getLogger(__name__)
 
 SIGNALS = tuple(
-    s
-    for s in (getattr(signal, name, None) for name in ("SIGTERM", "SIGUSR1", "SIGUSR2"))
-    if s is not None
+    s for s in (getattr(signal, name, None) for name in ("SIGTERM", "SIGUSR1", "SIGUSR2")) if s is not None
 )
 
 # sysexits.h EX_TEMPFAIL: "temporary failure, the user is invited to retry" — a requeue.

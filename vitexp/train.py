@@ -753,7 +753,7 @@ def train(cfg: DictConfig) -> float:
                     preempted = preemption.requested
                     if world.distributed:
                         # Signals reach the ranks at different moments; they agree at log points.
-                        preempted = at_log and bool(distributed.gather(preempted, world).count(True))
+                        preempted = at_log and distributed.any_rank(preempted, world)
                     at_checkpoint = preempted or (
                         t.checkpoint_every_steps
                         and global_step % t.checkpoint_every_steps == 0
