@@ -157,7 +157,7 @@ def run(
             root, dev, batch_size=batch_size, workers=w, max_batches=max_batches
         )
     if trivialaugment:
-        from vitexp.augment import TrivialAugment
+        from vitexp.data.augment import TrivialAugment
 
         name = "vitexp + TrivialAugment"
         epochs[name], batches[name] = vitexp_epoch(

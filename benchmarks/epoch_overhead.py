@@ -74,7 +74,7 @@ class _Loop:
         mixup: bool,
     ) -> None:
         from vitexp.data import BatchTransform, DeviceLoader, load_cifar10
-        from vitexp.optim import make_schedule, param_groups
+        from vitexp.training.optim import make_schedule, param_groups
 
         self.device = device
         split = load_cifar10(root, download=False).train.to(device)
@@ -91,7 +91,7 @@ class _Loop:
             param_groups(self.model, 0.05), lr=1e-3, betas=(0.9, 0.999), eps=1e-8
         )
         schedule = make_schedule(
-            {"_target_": "vitexp.optim.warmup_cosine", "_partial_": True, "warmup_epochs": 1.0},
+            {"_target_": "vitexp.training.optim.warmup_cosine", "_partial_": True, "warmup_epochs": 1.0},
             steps_per_epoch=len(self.loader),
             total_steps=10 * len(self.loader),
         )
@@ -107,7 +107,7 @@ class _Loop:
     def fetch(self, batches: Any) -> tuple[torch.Tensor, torch.Tensor]:
         x, y = next(batches)
         if self.mixup:
-            from vitexp.augment import mixup_cutmix
+            from vitexp.data.augment import mixup_cutmix
 
             x, y = mixup_cutmix(
                 x,
@@ -223,7 +223,7 @@ def run(
         spec = Shape(**{**shape_dict(spec), "batch_size": batch_size})
     policy = None
     if trivialaugment:
-        from vitexp.augment import TrivialAugment
+        from vitexp.data.augment import TrivialAugment
 
         policy = TrivialAugment()
     loop = _Loop(root=Path(root), device=dev, spec=spec, precision=precision, policy=policy, mixup=mixup)

@@ -129,7 +129,7 @@ def run(
     `channels_last` add vitexp-only candidates (torch.compile'd model; channels-last input and
     patch-embedding weight), compared with the eager vitexp model of the same precision.
     `same_weights` loads timm's initial weights into every vitexp model (through
-    `vitexp.models.convert.convert_timm`), so both compute on identical numbers and only the
+    `vitexp.models.weights.vit.convert_timm`), so both compute on identical numbers and only the
     code differs; by default each model keeps its own initialisation.
     """
     dev = torch.device(device)
@@ -156,7 +156,7 @@ def run(
     compile_seconds: dict[str, float] = {}
     reference: dict[str, torch.Tensor] | None = None
     if same_weights:
-        from vitexp.models.convert import convert_timm
+        from vitexp.models.weights.vit import convert_timm
 
         torch.manual_seed(0)
         reference = convert_timm(timm_model(spec).state_dict())

@@ -1,4 +1,4 @@
-"""Batched augmentation (vitexp.augment): each op against torchvision's per-image definition,
+"""Batched augmentation (vitexp.data.augment): each op against torchvision's per-image definition,
 the policies' per-sample randomness and reproducibility, and mixup/cutmix targets."""
 
 from __future__ import annotations
@@ -11,8 +11,8 @@ import torchvision.transforms.v2.functional as TF
 from torch import nn
 from torchvision.transforms import InterpolationMode
 
-from vitexp import augment as A
 from vitexp.data import BatchTransform
+from vitexp.data import augment as A
 from vitexp.errors import ConfigError
 
 

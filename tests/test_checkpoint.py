@@ -7,8 +7,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from vitexp.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state, unwrap
 from vitexp.errors import ConfigError
+from vitexp.runtime import unwrap
+from vitexp.training.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
 
 
 def test_round_trip_with_config_and_rng(tmp_path):

@@ -28,9 +28,9 @@ from tests.test_convert import _npz_arrays
 from vitexp.config import conf_dir
 from vitexp.errors import ConfigError
 from vitexp.models import CCT, CvT, HybridVisionTransformer, VisionTransformer, build_model
-from vitexp.models.convert import load_pretrained
-from vitexp.models.convert_conv import convert_hf_cvt, convert_timm_hybrid
-from vitexp.optim import param_groups
+from vitexp.models.weights.conv import convert_hf_cvt, convert_timm_hybrid
+from vitexp.models.weights.vit import load_pretrained
+from vitexp.training.optim import param_groups
 
 VIT_TARGET = "vitexp.models.VisionTransformer"
 CONV_MODELS = sorted(
@@ -575,7 +575,7 @@ def test_weights_of_another_family_or_format_are_refused_in_one_line(hf_cvt, tmp
     [("cct_2_3x2", []), ("cvt_cifar", SMALL_CVT)],
 )
 def test_two_training_steps_on_the_cifar_subset(name, overrides, cfg_factory, cifar_root):
-    from vitexp.train import train
+    from vitexp.training import train
 
     cfg = cfg_factory(
         f"model={name}", *overrides, "dataset=cifar10", f"dataset.root={cifar_root}", "trainer.max_steps=2",

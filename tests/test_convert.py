@@ -1,4 +1,4 @@
-"""Importing foreign ViT weights (vitexp.models.convert).
+"""Importing foreign ViT weights (vitexp.models.weights.vit).
 
 Every format is checked end to end: a reference model with random weights (timm, Hugging Face
 transformers, an `.npz` in the official JAX key layout, an article-style checkpoint) is written
@@ -21,7 +21,8 @@ from torch import Tensor, nn
 
 from vitexp.errors import ConfigError
 from vitexp.models import build_model
-from vitexp.models.convert import (
+from vitexp.models.vit import VisionTransformer
+from vitexp.models.weights.vit import (
     CONVERTERS,
     FORMATS,
     convert_timm,
@@ -31,7 +32,6 @@ from vitexp.models.convert import (
     read_weights,
     resample_position_embeddings,
 )
-from vitexp.models.vit import VisionTransformer
 
 CONF = Path(__file__).resolve().parents[1] / "conf" / "model"
 
@@ -467,7 +467,7 @@ def test_head_for_other_classes_is_replaced(tmp_path: Path, caplog: pytest.LogCa
     torch.save(source.state_dict(), tmp_path / "in1k.pth")
     ours = _ours(num_classes=CLASSES)
     fresh_head = {key: value.clone() for key, value in ours.head.state_dict().items()}
-    caplog.set_level(logging.INFO, logger="vitexp.models.convert")
+    caplog.set_level(logging.INFO, logger="vitexp.models.weights.vit")
     load_pretrained(ours, tmp_path / "in1k.pth")
     for key, value in ours.head.state_dict().items():
         assert torch.equal(value, fresh_head[key])

@@ -15,10 +15,10 @@ import pytest
 import torch
 
 from tests.conftest import REPO, TINY_MODEL, run_cli
-from vitexp.checkpoint import load_checkpoint
 from vitexp.data import BatchTransform, DeviceLoader, Split
-from vitexp.distributed import World, launch_world
 from vitexp.errors import ConfigError
+from vitexp.training.checkpoint import load_checkpoint
+from vitexp.training.distributed import World, launch_world
 
 # No dropout and no augmentation: every random draw then comes from the shared shuffle, so two
 # processes must reproduce one process's run up to the order of floating-point sums.
@@ -279,7 +279,7 @@ def test_submitits_requeue_signal_checkpoints_first_then_reaches_its_handler():
     """submitit asks SLURM for SIGUSR2 before the time limit and requeues the job in its
     handler: vitexp takes the signal as a preemption (checkpoint at the step boundary) and
     then hands it on to that handler."""
-    from vitexp.preemption import PreemptionGuard, pass_on
+    from vitexp.training.preemption import PreemptionGuard, pass_on
 
     calls: list[int] = []
     previous = signal.signal(signal.SIGUSR2, lambda signum, frame: calls.append(signum))
@@ -296,7 +296,7 @@ def test_submitits_requeue_signal_checkpoints_first_then_reaches_its_handler():
 
 def test_a_requeued_slurm_job_resumes_its_run(tmp_path, monkeypatch):
     from tests.conftest import compose_cfg
-    from vitexp.train import train
+    from vitexp.training import train
 
     overrides = [o for o in EXACT if not o.startswith("trainer.max_epochs=")]
     train(compose_cfg([*overrides, "trainer.max_epochs=1"], run_dir=tmp_path))

@@ -23,10 +23,22 @@ from omegaconf import OmegaConf
 from PIL import Image
 
 from tests.conftest import REPO, TINY_MODEL, compose_cfg
-from vitexp.attention import (
+from vitexp.attention import attention_figure
+from vitexp.cli import one_line_errors
+from vitexp.config import conf_dir
+from vitexp.data import DeviceLoader, carve_validation, crop_to_aspect, load_digits, load_fake, read_image
+from vitexp.errors import ConfigError
+from vitexp.evaluate import evaluate_checkpoint
+from vitexp.export import export_checkpoint
+from vitexp.inference import dataset_from_cfg, load_trained
+from vitexp.models import build_model
+from vitexp.predict import predict_images
+from vitexp.training import train
+from vitexp.training.checkpoint import save_checkpoint
+from vitexp.training.metrics import evaluate
+from vitexp.viz import (
     DPI,
     PANEL_INCHES,
-    attention_figure,
     compute_attention,
     patch_scores,
     rollout,
@@ -34,16 +46,6 @@ from vitexp.attention import (
     save_attention_grid,
     to_grid,
 )
-from vitexp.checkpoint import save_checkpoint
-from vitexp.config import conf_dir
-from vitexp.data import DeviceLoader, carve_validation, load_digits, load_fake
-from vitexp.errors import ConfigError
-from vitexp.evaluate import evaluate_checkpoint
-from vitexp.export import export_checkpoint
-from vitexp.inference import crop_to_aspect, dataset_from_cfg, load_trained, one_line_errors, read_image
-from vitexp.models import build_model
-from vitexp.predict import predict_images
-from vitexp.train import evaluate, train
 
 GAP_CLASSES = ["cat", "dog", "bird"]
 

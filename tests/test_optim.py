@@ -11,7 +11,7 @@ import torch
 from tests.conftest import compose_cfg
 from vitexp.errors import ConfigError
 from vitexp.models import VisionTransformer
-from vitexp.optim import constant, make_schedule, param_groups, warmup_cosine, warmup_linear
+from vitexp.training.optim import constant, make_schedule, param_groups, warmup_cosine, warmup_linear
 
 
 def test_no_decay_on_norms_biases_and_embeddings():

@@ -16,10 +16,10 @@ import torch
 from PIL import Image
 
 from tests.conftest import REPO, TINY_MODEL, run_cli
-from vitexp.checkpoint import load_checkpoint
 from vitexp.errors import ConfigError
-from vitexp.preemption import EXIT_PREEMPTED
-from vitexp.train import train
+from vitexp.training import train
+from vitexp.training.checkpoint import load_checkpoint
+from vitexp.training.preemption import EXIT_PREEMPTED
 
 # Dropout, drop path, crops and flips all draw random numbers: resume must restore every RNG.
 RESUMABLE = [
@@ -155,7 +155,7 @@ def test_resume_auto_without_a_checkpoint_starts_fresh(cfg_factory):
 def test_second_signal_exits_at_once(tmp_path):
     script = (
         "import os, signal, time\n"
-        "from vitexp.preemption import PreemptionGuard\n"
+        "from vitexp.training.preemption import PreemptionGuard\n"
         "with PreemptionGuard() as guard:\n"
         "    os.kill(os.getpid(), signal.SIGUSR1)\n"
         "    assert guard.requested and guard.signal_name == 'SIGUSR1'\n"
@@ -172,7 +172,7 @@ def test_second_signal_exits_at_once(tmp_path):
 
 
 def test_guard_restores_the_previous_handlers():
-    from vitexp.preemption import PreemptionGuard
+    from vitexp.training.preemption import PreemptionGuard
 
     before = signal.getsignal(signal.SIGTERM)
     with PreemptionGuard():
@@ -193,9 +193,9 @@ def test_keep_last_k_bounds_epoch_checkpoints(cfg_factory):
 
 
 def test_disk_full_keeps_the_previous_checkpoint_and_says_so(cfg_factory, monkeypatch, caplog):
-    import vitexp.train
+    import vitexp.training.loop
 
-    real_save, calls = vitexp.train.save_checkpoint, []
+    real_save, calls = vitexp.training.loop.save_checkpoint, []
 
     def save(state, path):
         calls.append(Path(path).name)
@@ -203,9 +203,9 @@ def test_disk_full_keeps_the_previous_checkpoint_and_says_so(cfg_factory, monkey
             raise OSError(28, "No space left on device")
         real_save(state, path)
 
-    monkeypatch.setattr(vitexp.train, "save_checkpoint", save)
+    monkeypatch.setattr(vitexp.training.loop, "save_checkpoint", save)
     cfg = cfg_factory(*FAST, "trainer.max_epochs=3")
-    with caplog.at_level(logging.WARNING, logger="vitexp.train"):
+    with caplog.at_level(logging.WARNING, logger="vitexp.training"):
         train(cfg)
     assert load_checkpoint(Path(cfg.run_dir) / "last.pt")["epoch"] == 1
     assert "(No space left on device); the previous last.pt is kept" in caplog.text
@@ -269,7 +269,7 @@ def test_nonfinite_loss_stops_naming_the_step_and_the_last_good_checkpoint(cfg_f
 
 def test_nonfinite_loss_can_skip_the_step(cfg_factory, nan_at_step_5, caplog):
     cfg = cfg_factory(*FAST, "trainer.max_steps=8", "trainer.on_nonfinite=skip")
-    with caplog.at_level(logging.WARNING, logger="vitexp.train"):
+    with caplog.at_level(logging.WARNING, logger="vitexp.training"):
         train(cfg)
     assert "step 5: non-finite loss or gradient; step skipped" in caplog.text
     ckpt = load_checkpoint(Path(cfg.run_dir) / "last.pt")

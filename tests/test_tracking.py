@@ -14,10 +14,10 @@ from omegaconf import OmegaConf
 
 from tests.conftest import REPO, TINY_MODEL, compose_cfg, run_cli
 from vitexp.config import experiments_dir
-from vitexp.loggers import WandbLogger
 from vitexp.models import VisionTransformer
 from vitexp.report import read_sweep
-from vitexp.train import train
+from vitexp.training import train
+from vitexp.training.loggers import WandbLogger
 
 SMALL = ["dataset=fake", *TINY_MODEL, "model.img_size=16", "trainer.batch_size=64", "trainer.progress=false"]
 

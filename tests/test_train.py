@@ -12,11 +12,12 @@ import torch
 import torch.nn.functional as F
 
 from tests.conftest import REPO, TINY_MODEL, compose_cfg, run_cli
-from vitexp.checkpoint import load_checkpoint
 from vitexp.data import BatchTransform, DeviceLoader, Split
 from vitexp.errors import ConfigError
 from vitexp.models import VisionTransformer, build_model
-from vitexp.train import evaluate, train
+from vitexp.training import train
+from vitexp.training.checkpoint import load_checkpoint
+from vitexp.training.metrics import evaluate
 
 FAKE_TINY = ["dataset=fake", "model=vit_ti4", "model.img_size=16", *TINY_MODEL, "trainer.progress=false"]
 

@@ -1,6 +1,6 @@
 """`python -m vitexp [overrides]`: compose the config with Hydra and train.
 
-Thin on purpose: all work happens in the importable `vitexp.train.train(cfg)`.
+Thin on purpose: all work happens in the importable `vitexp.training.train(cfg)`.
 """
 
 from __future__ import annotations
@@ -17,10 +17,10 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.errors import HydraException
 from omegaconf import DictConfig
 
-from vitexp import distributed
 from vitexp.config import conf_dir, register_experiments, register_resolvers, set_launch_time
 from vitexp.errors import ConfigError
-from vitexp.preemption import EXIT_PREEMPTED, Preempted, pass_on
+from vitexp.training import distributed
+from vitexp.training.preemption import EXIT_PREEMPTED, Preempted, pass_on
 
 log = logging.getLogger("vitexp")
 
@@ -59,7 +59,7 @@ def check_group_choices(args: list[str]) -> str | None:
 
 @hydra.main(version_base="1.3", config_path=str(conf_dir()), config_name="config")
 def _hydra_main(cfg: DictConfig) -> float:
-    from vitexp.train import train
+    from vitexp.training import train
 
     multirun = HydraConfig.get().mode.name == "MULTIRUN"
     try:

@@ -5,7 +5,7 @@
     python -m vitexp.evaluate checkpoint=PATH dataset=cifar10 dataset.root=../shared/data
 
 The model is rebuilt from the config stored in the checkpoint and scored with the training
-loop's own `vitexp.train.evaluate` (the same definitions as the per-epoch metrics), on the
+loop's own `vitexp.training.metrics.evaluate` (the same definitions as the per-epoch metrics), on the
 CPU if no GPU is present whatever device trained it. Any dataset with the same number of
 classes and channels works; images are resized to the model's input size and normalised
 with the training run's mean and std.
@@ -22,21 +22,17 @@ from typing import Any
 import hydra
 import torch
 from hydra.core.hydra_config import HydraConfig
-from matplotlib.figure import Figure
 from omegaconf import DictConfig
 from torch import Tensor, nn
 
+from vitexp.cli import default_output, one_line_errors
 from vitexp.config import conf_dir
 from vitexp.data import FileSplit, ImageData, Split, carve_validation, make_loader
 from vitexp.errors import ConfigError
-from vitexp.inference import (
-    TrainedModel,
-    as_trained,
-    dataset_from_cfg,
-    default_output,
-    one_line_errors,
-    split_channels,
-)
+from vitexp.inference import TrainedModel, as_trained, dataset_from_cfg, split_channels
+from vitexp.runtime import autocast_context
+from vitexp.training.metrics import evaluate
+from vitexp.viz import save_confusion_png
 
 log = logging.getLogger("vitexp.evaluate")
 
@@ -85,7 +81,7 @@ def confusion_matrix(labels: Tensor, predictions: Tensor, num_classes: int) -> T
 
 def select_split(data: ImageData, split: str, val_split: float, seed: int) -> Split | FileSplit:
     """`train`, `test`, or `val`: the images a run with `dataset.val_split` held out of the
-    training set (the same seeded choice as `vitexp.train`)."""
+    training set (the same seeded choice as `vitexp.training`)."""
     if split not in SPLITS:
         raise ConfigError(f"split={split!r} is not one of {', '.join(SPLITS)}")
     if split == "val":
@@ -96,34 +92,6 @@ def select_split(data: ImageData, split: str, val_split: float, seed: int) -> Sp
             )
         return carve_validation(data.train, float(val_split), seed=seed)[1]
     return getattr(data, split)
-
-
-def save_confusion_png(matrix: Tensor, classes: list[str], path: Path, title: str) -> Path:
-    """The confusion matrix as a PNG, each row scaled to the fraction of its true class
-    (counts written in the cells when there are at most 20 classes)."""
-    k = len(classes)
-    counts = matrix.double()
-    fractions = counts / counts.sum(dim=1, keepdim=True).clamp(min=1)
-    side = min(20.0, max(5.0, 0.4 * k + 2.5))
-    fig = Figure(figsize=(side + 1.2, side), dpi=100, layout="constrained")
-    ax = fig.subplots()
-    image = ax.imshow(fractions.numpy(), cmap="Blues", vmin=0, vmax=1, interpolation="nearest")
-    fig.colorbar(image, ax=ax, shrink=0.8, label="fraction of the true class")
-    ax.set_xlabel("predicted class")
-    ax.set_ylabel("true class")
-    ax.set_title(title, fontsize=10)
-    if k <= 30:
-        ax.set_xticks(range(k), classes, rotation=90, fontsize=8)
-        ax.set_yticks(range(k), classes, fontsize=8)
-    if k <= 20:
-        for i in range(k):
-            for j in range(k):
-                if matrix[i, j]:
-                    ax.text(j, i, str(int(matrix[i, j])), ha="center", va="center", fontsize=7,
-                            color="white" if fractions[i, j] > 0.5 else "black")  # fmt: skip
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
-    return path
 
 
 def evaluate_checkpoint(
@@ -145,7 +113,6 @@ def evaluate_checkpoint(
     returns the report. `val_split` (for split=val) and `num_workers` (decoding image folders)
     default to the checkpoint's dataset config.
     """
-    from vitexp.train import autocast_context, evaluate
 
     if batch_size <= 0:
         raise ConfigError(f"batch_size={batch_size} must be positive")

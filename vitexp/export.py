@@ -32,9 +32,10 @@ import torch
 from omegaconf import DictConfig
 from torch import Tensor
 
+from vitexp.cli import one_line_errors
 from vitexp.config import conf_dir
 from vitexp.errors import ConfigError
-from vitexp.inference import TrainedModel, load_trained, one_line_errors
+from vitexp.inference import TrainedModel, load_trained
 
 log = logging.getLogger("vitexp.export")
 

@@ -10,27 +10,24 @@ checkpoint carries them.
 
 from __future__ import annotations
 
-import contextlib
 import logging
-import sys
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
-from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
-from PIL import Image, ImageOps, UnidentifiedImageError
 from torch import Tensor, nn
 
-from vitexp.checkpoint import load_checkpoint
 from vitexp.data import BatchTransform, FileSplit, ImageData, Split
+from vitexp.data.transforms import eval_batches
 from vitexp.errors import ConfigError
 from vitexp.models import build_model
+from vitexp.runtime import pick_device
+from vitexp.training.checkpoint import load_checkpoint
 
 log = logging.getLogger("vitexp")
 
@@ -71,23 +68,9 @@ class TrainedModel:
         return torch.cat(out)
 
 
-def eval_batches(
-    transform: BatchTransform, images: Tensor | Sequence[Tensor], device: torch.device, batch_size: int = 256
-) -> Iterator[Tensor]:
-    """Normalised model inputs for uint8 images, `batch_size` at a time."""
-    if isinstance(images, Tensor):
-        for i in range(0, len(images), batch_size):
-            yield transform.eval(images[i : i + batch_size].to(device))
-        return
-    # Images of different sizes cannot share a tensor before the resize.
-    for i in range(0, len(images), batch_size):
-        chunk = images[i : i + batch_size]
-        yield torch.cat([transform.eval(img[None].to(device)) for img in chunk])
-
-
 def load_dataset(load_cfg: Mapping[str, Any], what: str) -> ImageData:
     """Instantiate a `dataset.load` config, turning its failures into one ConfigError line."""
-    from vitexp.train import build
+    from vitexp.training.loop import build
 
     data = build("dataset", lambda: instantiate(dict(load_cfg), _convert_="all"))
     if not isinstance(data, ImageData):
@@ -142,7 +125,7 @@ def load_trained(checkpoint: str | Path, device: str | torch.device = "cpu") -> 
     The file is read onto the CPU first (so a GPU-trained checkpoint opens on a machine
     without one), then the model moves to `device` (`auto`: CUDA when present).
     """
-    from vitexp.train import build, pick_device
+    from vitexp.training.loop import build
 
     path = Path(checkpoint)
     ckpt = load_checkpoint(path, map_location="cpu")
@@ -193,103 +176,3 @@ def load_trained(checkpoint: str | Path, device: str | torch.device = "cpu") -> 
         device=device,
         info={k: ckpt[k] for k in ("epoch", "global_step", "best_metric") if k in ckpt},
     )
-
-
-# --------------------------------------------------------------------------- image files
-
-
-def _flatten_alpha(img: Image.Image) -> Image.Image:
-    """Composite transparent images onto white, as an image viewer shows them: the alpha
-    channel alone says nothing about the colour of a transparent pixel."""
-    if img.mode in ("RGBA", "LA", "PA", "RGBa", "La") or (img.mode == "P" and "transparency" in img.info):
-        rgba = img.convert("RGBA")
-        return Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba).convert("RGB")
-    return img
-
-
-def _high_depth_to_8bit(img: Image.Image) -> Image.Image:
-    """16-bit and float grayscale (modes I;16, I, F) to 8-bit L by scaling, not clipping:
-    PIL's own convert("L") clips, turning most 16-bit images white."""
-    if not (img.mode.startswith("I") or img.mode == "F"):
-        return img
-    arr = np.asarray(img, dtype=np.float64)
-    if img.mode == "F":
-        top = 1.0 if arr.max(initial=0.0) <= 1.0 else 255.0
-    elif img.mode.startswith("I;16"):
-        top = 65535.0
-    else:  # "I": 32-bit integers, which is how PIL opens some 16-bit PNGs
-        top = 65535.0 if arr.max(initial=0.0) > 255 else 255.0
-    return Image.fromarray(np.clip(np.rint(arr / top * 255.0), 0, 255).astype(np.uint8), mode="L")
-
-
-def read_image(path: str | Path, channels: int) -> Tensor:
-    """An image file of any size and mode as a uint8 tensor (channels, H, W).
-
-    Grayscale, palette, 16-bit and CMYK images are converted; transparent ones are put on
-    white; the EXIF orientation of photos is applied. `channels` is 1 (L) or 3 (RGB).
-    """
-    path = Path(path)
-    if channels not in (1, 3):
-        raise ConfigError(
-            f"the model takes {channels}-channel input; only 1- or 3-channel images can be read"
-        )
-    if not path.is_file():
-        raise ConfigError(f"image {path} does not exist; check the path")
-    try:
-        with Image.open(path) as opened:
-            opened.load()
-            img = ImageOps.exif_transpose(opened)
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
-        raise ConfigError(
-            f"image {path} cannot be read ({type(e).__name__}: {str(e).splitlines()[0][:120]}); "
-            f"use a PNG, JPEG or other image file"
-        ) from e
-    img = _flatten_alpha(_high_depth_to_8bit(img))
-    img = img.convert("RGB" if channels == 3 else "L")
-    arr = np.asarray(img, dtype=np.uint8)
-    arr = arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1)
-    return torch.from_numpy(arr.copy())
-
-
-def crop_to_aspect(image: Tensor, size: Sequence[int]) -> Tensor:
-    """The centre of a (C, H, W) image at the aspect ratio of `size` (H, W), so that the
-    resize to the model's input keeps shapes undistorted, as training on image folders does
-    (shorter side fitted, centre cropped). Images of the model's aspect ratio pass unchanged."""
-    height, width = image.shape[-2:]
-    target = size[1] / size[0]  # width / height
-    if width > round(height * target):
-        new = max(1, round(height * target))
-        left = (width - new) // 2
-        return image[..., :, left : left + new]
-    if height > round(width / target):
-        new = max(1, round(width / target))
-        top = (height - new) // 2
-        return image[..., top : top + new, :]
-    return image
-
-
-# --------------------------------------------------------------------------- command entries
-
-
-@contextlib.contextmanager
-def one_line_errors(cfg: DictConfig) -> Iterator[None]:
-    """Turn a ConfigError into one `error: ...` log line and exit status 2, as `python -m
-    vitexp` does; in a multirun the error propagates so Hydra records the failed job. A
-    required setting left out (`???`, e.g. `checkpoint`) is such an error too."""
-    try:
-        # Only the command's own settings here; a dataset's are checked when it is built.
-        missing = [k for k in _missing_keys(OmegaConf.to_container(cfg, resolve=False)) if "." not in k]
-        if missing:
-            raise ConfigError(f"{missing[0]} is required: add {missing[0]}=... to the command")
-        yield
-    except ConfigError as e:
-        log.error("error: %s", e)
-        if HydraConfig.initialized() and HydraConfig.get().mode.name == "MULTIRUN":
-            raise
-        sys.exit(2)
-
-
-def default_output(checkpoint: Path, suffix: str) -> Path:
-    """Where a command writes when no `output=` is given: next to the checkpoint, named
-    after it, so inspecting a run adds files to that run's folder and nowhere else."""
-    return checkpoint.parent / f"{checkpoint.stem}_{suffix}"

@@ -19,9 +19,11 @@ from typing import Any
 import hydra
 from omegaconf import DictConfig, ListConfig
 
+from vitexp.cli import one_line_errors
 from vitexp.config import conf_dir
+from vitexp.data import crop_to_aspect, read_image
 from vitexp.errors import ConfigError
-from vitexp.inference import TrainedModel, as_trained, crop_to_aspect, one_line_errors, read_image
+from vitexp.inference import TrainedModel, as_trained
 
 log = logging.getLogger("vitexp.predict")
 

@@ -180,7 +180,7 @@ class SweepSummary(Callback):
     notice even though the sweep went on past the failure."""
 
     def on_multirun_end(self, config: DictConfig, **kwargs: object) -> None:
-        from vitexp.distributed import launch_world
+        from vitexp.training.distributed import launch_world
 
         if not launch_world().is_main:
             return  # a sweep under torchrun: rank 0 reports

@@ -40,7 +40,7 @@ def build_model(model_cfg: Mapping[str, Any], *, load_pretrained: bool = True) -
     model = instantiate(kwargs, _convert_="all")
     path = model_cfg.get("pretrained")
     if load_pretrained and path:
-        from vitexp.models.convert import load_pretrained as load
+        from vitexp.models.weights.vit import load_pretrained as load
 
         load(model, str(path), fmt=str(model_cfg.get("pretrained_format") or "auto"))
     return model

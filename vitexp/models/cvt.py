@@ -10,7 +10,7 @@ position embeddings, and the model runs at any image size. A class token joins o
 stage; it bypasses the convolutional projections and is what the head reads.
 
 Faithful to the released code (microsoft/CvT) and to Hugging Face's `CvtForImageClassification`,
-whose weights import (`vitexp.models.convert_conv`): attention scores are scaled by
+whose weights import (`vitexp.models.weights.conv`): attention scores are scaled by
 hidden_size^-0.5 of the stage, not head_dim^-0.5; LayerNorm and BatchNorm use eps 1e-5.
 
 The blocks are our pre-norm `Block` (LayerNorm, attention, residual; LayerNorm, MLP, residual)

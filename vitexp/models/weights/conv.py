@@ -1,6 +1,6 @@
 """Import weights into the convolutional families: the R50+ViT hybrid, CvT and CCT.
 
-`vitexp.models.convert.load_pretrained` hands these models to `load_pretrained_conv`. Layouts:
+`vitexp.models.weights.vit.load_pretrained` hands these models to `load_pretrained_conv`. Layouts:
 
 * hybrid (`HybridVisionTransformer`): ``vitexp`` (ours), ``timm`` (``vit_base_r50_s16_224``:
   ``patch_embed.backbone.stem/stages.N.blocks.M``), ``npz`` (the official ``R50+ViT-B_16.npz`` of
@@ -27,10 +27,10 @@ from typing import Any
 from torch import Tensor, nn
 
 from vitexp.errors import ConfigError
-from vitexp.models import convert
 from vitexp.models.cct import CCT
 from vitexp.models.cvt import CvT
 from vitexp.models.hybrid import HybridVisionTransformer
+from vitexp.models.weights import vit as convert
 
 __all__ = [
     "CONV_CONVERTERS",

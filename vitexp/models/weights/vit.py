@@ -612,7 +612,7 @@ def adapt_to_model(state_dict: Mapping[str, Tensor], model: VisionTransformer) -
 
 
 def _config_dirs() -> tuple[Path, ...]:
-    package = Path(__file__).resolve().parents[1]
+    package = Path(__file__).resolve().parents[2]
     # The wheel carries the configs as vitexp/_conf, a checkout has them at the top.
     return package / "_conf" / "model", package.parent / "conf" / "model"
 
@@ -691,8 +691,10 @@ def load_pretrained(model: VisionTransformer, path: str | os.PathLike[str], fmt:
     ConfigError that names the key and both shapes, or the missing/unexpected names.
 
     The convolutional families (R50 hybrid, CvT, CCT) have layouts of their own and are loaded by
-    `vitexp.models.convert_conv.load_pretrained_conv`."""
-    from vitexp.models import convert_conv  # here, not at the top: convert_conv builds on this module
+    `vitexp.models.weights.conv.load_pretrained_conv`."""
+    from vitexp.models.weights import (
+        conv as convert_conv,  # here, not at the top: convert_conv builds on this module
+    )
 
     if convert_conv.handles(model):
         convert_conv.load_pretrained_conv(model, path, fmt)

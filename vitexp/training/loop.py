@@ -12,16 +12,13 @@ import contextlib
 import logging
 import math
 import os
-import random
 import shlex
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
-import torch.nn.functional as F
 from hydra.core.hydra_config import HydraConfig
 from hydra.errors import InstantiationException
 from hydra.utils import instantiate
@@ -31,16 +28,18 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from tqdm import tqdm
 
-from vitexp import distributed
-from vitexp.augment import RandAugment, TrivialAugment, mixup_cutmix
-from vitexp.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state, unwrap
 from vitexp.data import BatchTransform, ImageData, carve_validation, make_loader
+from vitexp.data.augment import RandAugment, TrivialAugment, mixup_cutmix
 from vitexp.errors import ConfigError
-from vitexp.loggers import JsonlLogger, Loggers, git_state, write_json
 from vitexp.models import build_model
-from vitexp.models.convert import check_state_dict_fits
-from vitexp.optim import make_schedule, param_groups
-from vitexp.preemption import Preempted, PreemptionGuard
+from vitexp.models.weights.vit import check_state_dict_fits
+from vitexp.runtime import autocast_context, enable_tf32, pick_device, rank_seed, seed_everything, unwrap
+from vitexp.training import distributed
+from vitexp.training.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from vitexp.training.loggers import JsonlLogger, Loggers, git_state, write_json
+from vitexp.training.metrics import LossWindow, evaluate
+from vitexp.training.optim import make_schedule, param_groups
+from vitexp.training.preemption import Preempted, PreemptionGuard
 
 log = logging.getLogger(__name__)
 
@@ -79,42 +78,6 @@ def build_transform(cfg: DictConfig, img_size: tuple[int, int]) -> BatchTransfor
     return BatchTransform(
         img_size=img_size, mean=list(cfg.dataset.mean), std=list(cfg.dataset.std), policy=policy, **augment
     )
-
-
-def pick_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"trainer.device={name} but no CUDA GPU is visible; use trainer.device=auto or cpu")
-    return device
-
-
-def autocast_context(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
-    """Decided once per run: bf16/fp16 autocast, or nothing for fp32."""
-    if precision == "fp32":
-        return contextlib.nullcontext()
-    if precision == "bf16":
-        return torch.autocast(device.type, dtype=torch.bfloat16)
-    if precision == "fp16":
-        if device.type != "cuda":
-            raise ConfigError(
-                "trainer.precision=fp16 needs a CUDA GPU; use trainer.precision=bf16 on the CPU"
-            )
-        return torch.autocast("cuda", dtype=torch.float16)
-    raise ConfigError(f"trainer.precision={precision!r} is not one of fp32, bf16, fp16")
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
-
-
-def rank_seed(*parts: int) -> int:
-    """A seed for one stream of one rank (e.g. seed, rank, stream), well mixed by numpy's
-    SeedSequence: nearby inputs give unrelated streams."""
-    return int(np.random.SeedSequence([p % 2**32 for p in parts]).generate_state(1)[0])
 
 
 def check_settings(cfg: DictConfig) -> None:
@@ -278,61 +241,6 @@ def resume_command(run_dir: Path, world: distributed.World = distributed.SINGLE_
     return f"{launcher} " + " ".join(shlex.quote(a) for a in args)
 
 
-class LossWindow:
-    """Training losses summed on the device between two log points (no host sync per step),
-    with a device-side record of the first non-finite step. Data-parallel ranks sum their
-    windows at each read, so every rank reports (and acts on) the global figures."""
-
-    def __init__(self, device: torch.device, world: distributed.World = distributed.SINGLE_PROCESS) -> None:
-        self.world = world
-        self.loss = torch.zeros((), device=device)
-        self.steps = torch.zeros((), device=device, dtype=torch.long)
-        self.epoch_loss = torch.zeros((), device=device)
-        self.epoch_steps = 0
-        self.first_bad = torch.full((), -1, device=device, dtype=torch.long)
-        self.started = time.time()
-        self.count = 0
-
-    def add(self, loss: Tensor, finite: Tensor, step: int) -> None:
-        self.loss += torch.where(finite, loss, 0.0)
-        self.steps += finite.long()
-        self.first_bad = torch.where((self.first_bad < 0) & ~finite, step, self.first_bad)
-        self.count += 1
-
-    def first_nonfinite_step(self) -> int | None:
-        """The first step with a non-finite loss on any rank (collective: every rank calls it)."""
-        bad = self.first_bad.clone()
-        if self.world.distributed:  # the earliest over the ranks; -1 (none) must not win
-            bad = torch.where(bad < 0, torch.iinfo(torch.long).max, bad)
-            torch.distributed.all_reduce(bad, op=torch.distributed.ReduceOp.MIN)
-            bad = torch.where(bad == torch.iinfo(torch.long).max, -1, bad)
-        bad = int(bad.item())
-        return bad if bad >= 0 else None
-
-    def flush(self) -> tuple[float, int, float]:
-        """(mean loss of the finite steps, steps, seconds) since the last flush; then reset.
-        Collective when data-parallel: the loss is the mean over all ranks' samples."""
-        distributed.sum_(self.loss, self.world)
-        distributed.sum_(self.steps, self.world)
-        steps, total = int(self.steps.item()), float(self.loss.item())
-        seconds = max(time.time() - self.started, 1e-9)
-        self.epoch_loss += self.loss
-        self.epoch_steps += steps
-        # Per-rank sums of per-rank means: steps counts rank-steps, so total / steps is the
-        # mean over global batches.
-        count = self.count
-        self.loss.zero_()
-        self.steps.zero_()
-        self.started, self.count = time.time(), 0
-        return (total / steps if steps else float("nan")), count, seconds
-
-    def end_epoch(self) -> float:
-        mean = float(self.epoch_loss.item()) / max(1, self.epoch_steps)
-        self.epoch_loss.zero_()
-        self.epoch_steps = 0
-        return mean
-
-
 class TimeBudget:
     """Fits a run into `trainer.max_time` seconds: from the pace so far (training and
     evaluation together) it re-estimates how many optimizer steps still fit, so that the
@@ -391,36 +299,6 @@ class Checkpointer:
 
 
 @torch.no_grad()
-def evaluate(
-    model: nn.Module,
-    loader: Any,
-    autocast: contextlib.AbstractContextManager,
-    world: distributed.World = distributed.SINGLE_PROCESS,
-) -> dict[str, float]:
-    """Loss, top-1 and top-5 accuracy over exactly the samples of `loader`: sums over
-    samples divided by the sample count, so a short last batch weighs what it holds. With
-    data-parallel ranks each scores its shard and the sums are added over the ranks."""
-    model.eval()
-    loss_sum = torch.zeros((), device=loader.device, dtype=torch.float64)
-    correct1 = torch.zeros((), device=loader.device, dtype=torch.long)
-    correct5 = torch.zeros((), device=loader.device, dtype=torch.long)
-    count = torch.zeros((), device=loader.device, dtype=torch.long)
-    for x, y in loader:
-        with autocast:
-            logits = model(x)
-        logits = logits.float()
-        loss_sum += F.cross_entropy(logits, y, reduction="sum")
-        top = logits.topk(min(5, logits.shape[1]), dim=1).indices
-        correct1 += (top[:, 0] == y).sum()
-        correct5 += (top == y[:, None]).any(dim=1).sum()
-        count += len(y)
-    for total in (loss_sum, correct1, correct5, count):
-        distributed.sum_(total, world)
-    n = count.item()
-    return {"loss": loss_sum.item() / n, "acc1": correct1.item() / n, "acc5": correct5.item() / n}
-
-
-@torch.no_grad()
 def log_sample_predictions(
     model: nn.Module,
     split: Any,
@@ -433,7 +311,7 @@ def log_sample_predictions(
     """A fixed handful of eval images (one per class first) with their predicted classes go to
     the loggers; for models with attention maps, the same images' maps go to attention.png in
     the run dir (and the loggers). A figure that fails warns: it never costs the run."""
-    from vitexp.attention import has_attention_maps, sample_images, save_attention_grid
+    from vitexp.viz import has_attention_maps, sample_images, save_attention_grid
 
     try:
         images, labels = sample_images(split, 8)
@@ -479,12 +357,9 @@ def train(cfg: DictConfig) -> float:
     resume_path = resolve_resume(t.get("resume"), run_dir)
     ckpt = load_checkpoint(resume_path) if resume_path else None
     seed_everything(int(cfg.seed))
-    device = distributed.device_for(world, str(pick_device(t.device)))
-    autocast = autocast_context(device, t.precision)
-    if device.type == "cuda":
-        # TF32 matmuls on Ampere and newer: fp32-like accuracy at tensor-core speed.
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
+    device = distributed.device_for(world, str(pick_device(t.device, "trainer.device")))
+    autocast = autocast_context(device, t.precision, "trainer.precision")
+    enable_tf32(device)
     if t.on_nonfinite not in ("stop", "skip"):
         raise ConfigError(f"trainer.on_nonfinite={t.on_nonfinite!r} must be stop or skip")
 

@@ -17,23 +17,10 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch import nn
 
 from vitexp.errors import ConfigError
 
 FORMAT_VERSION = 1
-
-
-def unwrap(model: nn.Module) -> nn.Module:
-    """The plain module under `torch.compile` (`_orig_mod`) and DDP (`module`) wrappers, so
-    saved keys carry no wrapper prefixes."""
-    while True:
-        if hasattr(model, "_orig_mod"):
-            model = model._orig_mod
-        elif isinstance(model, nn.parallel.DistributedDataParallel):
-            model = model.module
-        else:
-            return model
 
 
 def rng_state(data_generator: torch.Generator | None = None) -> dict[str, Any]:

@@ -1,0 +1,1 @@
+"""Importing weights from other layouts into vitexp models."""

@@ -1,0 +1,82 @@
+"""What training and the commands both need from the machine: the device, the autocast
+context, seeding, and the plain module under `torch.compile`/DDP wrappers."""
+
+from __future__ import annotations
+
+import contextlib
+import random
+
+import numpy as np
+import torch
+from torch import nn
+
+from vitexp.errors import ConfigError
+
+PRECISIONS = ("fp32", "bf16", "fp16")
+
+
+def pick_device(name: str, setting: str = "device") -> torch.device:
+    """`auto` (CUDA when present, else CPU), or a device name that must exist; `setting` is
+    the config key that named it, for the error message."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError as e:
+        raise ConfigError(f"{setting}={name!r} is not a device name; use auto, cpu, cuda or cuda:N") from e
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"{setting}={name} but no CUDA GPU is visible; use {setting}=auto or cpu")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise ConfigError(
+            f"{setting}={name} but only {torch.cuda.device_count()} GPU(s) are visible (cuda:0 to "
+            f"cuda:{torch.cuda.device_count() - 1})"
+        )
+    if device.type not in ("cpu", "cuda"):
+        raise ConfigError(f"{setting}={name}: vitexp runs on cpu or cuda")
+    return device
+
+
+def autocast_context(
+    device: torch.device, precision: str, setting: str = "precision"
+) -> contextlib.AbstractContextManager:
+    """Decided once per run: bf16/fp16 autocast, or nothing for fp32."""
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    if precision == "bf16":
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    if precision == "fp16":
+        if device.type != "cuda":
+            raise ConfigError(f"{setting}=fp16 needs a CUDA GPU; use {setting}=bf16 on the CPU")
+        return torch.autocast("cuda", dtype=torch.float16)
+    raise ConfigError(f"{setting}={precision!r} is not one of {', '.join(PRECISIONS)}")
+
+
+def enable_tf32(device: torch.device) -> None:
+    """TF32 matmuls and convolutions on Ampere and newer: fp32-like accuracy at tensor-core speed."""
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def rank_seed(*parts: int) -> int:
+    """A seed for one stream of one rank (e.g. seed, rank, stream), well mixed by numpy's
+    SeedSequence: nearby inputs give unrelated streams."""
+    return int(np.random.SeedSequence([p % 2**32 for p in parts]).generate_state(1)[0])
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The plain module under `torch.compile` (`_orig_mod`) and DDP (`module`) wrappers, so
+    saved keys carry no wrapper prefixes."""
+    while True:
+        if hasattr(model, "_orig_mod"):
+            model = model._orig_mod
+        elif isinstance(model, nn.parallel.DistributedDataParallel):
+            model = model.module
+        else:
+            return model
