@@ -1,9 +1,45 @@
-"""The one exception type vitexp raises for bad input.
+"""The errors vitexp raises for bad input, each with the exit status of the command line.
 
-Its message is a single line that names the setting or file to change. The command-line
-entry points print it without a traceback and exit with status 2.
+Every one of them is the user's to fix, and its message is one line that names the setting or
+file to change; the command-line entries print that line without a traceback (the full one with
+`VITEXP_DEBUG=1` or `HYDRA_FULL_ERROR=1`). Any other exception is a bug in vitexp and keeps its
+traceback.
+
+| error             | exit | meaning                                                           |
+|-------------------|------|-------------------------------------------------------------------|
+| ConfigError       | 2    | a setting, override or command-line argument cannot work          |
+| DataError         | 3    | an input file (dataset, image, checkpoint, weights) is unusable   |
+| TrainingDiverged  | 4    | the loss or gradient became non-finite; the run stopped unsaved   |
+| (preempted)       | 75   | stopped on a signal after checkpointing (`training.preemption`)   |
 """
 
+from __future__ import annotations
 
-class ConfigError(ValueError):
-    """A setting, file or input that cannot work; the message says what to change."""
+
+class VitexpError(Exception):
+    """Bad input of some kind; `exit_code` is the command line's exit status for it."""
+
+    exit_code = 1
+
+
+class ConfigError(VitexpError):
+    """A setting, override or argument that cannot work; the message says what to change."""
+
+    exit_code = 2
+
+
+class DataError(VitexpError):
+    """An input file that cannot be used as it is: a missing, corrupt, truncated or unsafe
+    dataset file, image, checkpoint or weights file, or labels outside the classes."""
+
+    exit_code = 3
+
+
+class TrainingDiverged(VitexpError):
+    """The training loss or gradient became non-finite (with `trainer.on_nonfinite=stop`)."""
+
+    exit_code = 4
+
+    def __init__(self, message: str, step: int) -> None:
+        super().__init__(message)
+        self.step = step
