@@ -1,0 +1,175 @@
+"""Batches in a replayable order: in-memory splits indexed on the device, image folders
+streamed through DataLoader workers; both sharded over data-parallel ranks."""
+
+from __future__ import annotations
+
+import abc
+import logging
+import math
+import pickle
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from vitexp.errors import ConfigError
+from vitexp.data.datasets import FileSplit, Split
+from vitexp.data.folders import _collate_decoded, _DecodedFiles
+from vitexp.data.transforms import BatchTransform
+from vitexp.data.augment import shift_crop_flip
+
+log = logging.getLogger(__name__)
+
+class _Loader(abc.ABC):
+    """Batches of one split in a fixed order, with the order exposed so that a resumed run
+    can replay an epoch from any batch: `new_order()` draws an epoch's order (shuffled for
+    training, from `generator` only), `iter_from(order, start)` yields its batches from batch
+    `start` on, already on the device and transformed; augmentation draws from
+    `augment_generator` (by default the same generator).
+
+    Data-parallel: with `world_size` > 1 every rank draws the same order and takes every
+    `world_size`-th entry from position `rank` on. Rank r's batch i then holds the entries of the
+    single-process batch i (of `world_size` × the per-rank batch size) that fall on r, so the
+    ranks together see exactly the global batches a single process would. Training shards are
+    cut to equal length (the same number of steps on every rank); evaluation shards keep every
+    sample once, so summed metrics count each exactly once."""
+
+    def __init__(
+        self,
+        num_samples: int,
+        *,
+        batch_size: int,
+        transform: BatchTransform,
+        train: bool,
+        device: torch.device,
+        generator: torch.Generator | None = None,
+        augment_generator: torch.Generator | None = None,
+        rank: int = 0,
+        world_size: int = 1,
+    ) -> None:
+        if batch_size <= 0:
+            raise ConfigError(f"batch size {batch_size} must be positive")
+        self.num_samples = num_samples
+        self.batch_size = batch_size
+        self.transform = transform
+        self.train = train
+        self.device = torch.device(device)
+        self.generator = generator
+        self.augment_generator = augment_generator if augment_generator is not None else generator
+        self.rank = rank
+        self.world_size = world_size
+
+    def __len__(self) -> int:
+        # Training drops the short last batch so every step sees the same batch size;
+        # evaluation keeps it so every sample is scored exactly once.
+        if self.train:
+            return self.num_samples // self.world_size // self.batch_size
+        return math.ceil(len(range(self.rank, self.num_samples, self.world_size)) / self.batch_size)
+
+    def new_order(self) -> Tensor:
+        if self.train:
+            return torch.randperm(self.num_samples, device=self.device, generator=self.generator)
+        return torch.arange(self.num_samples, device=self.device)
+
+    def _batch_indices(self, order: Tensor, start: int) -> list[Tensor]:
+        shard = order[self.rank :: self.world_size]
+        return [shard[i * self.batch_size : (i + 1) * self.batch_size] for i in range(start, len(self))]
+
+    def _finish(self, images: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
+        if self.train:
+            return self.transform.train(images, self.augment_generator), labels
+        return self.transform.eval(images), labels
+
+    @abc.abstractmethod
+    def iter_from(self, order: Tensor, start: int = 0) -> Iterator[tuple[Tensor, Tensor]]:
+        """Batches `start`, `start + 1`, … of `order`."""
+
+    def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
+        return self.iter_from(self.new_order())
+
+
+class DeviceLoader(_Loader):
+    """Batches of a `Split` held on the training device: indexing replaces data loading."""
+
+    def __init__(self, split: Split, **kwargs: Any) -> None:
+        super().__init__(len(split), device=split.images.device, **kwargs)
+        self.split = split
+
+    def iter_from(self, order: Tensor, start: int = 0) -> Iterator[tuple[Tensor, Tensor]]:
+        for idx in self._batch_indices(order, start):
+            # index_select: the generic advanced-indexing kernel is several times slower here.
+            yield self._finish(self.split.images.index_select(0, idx), self.split.labels.index_select(0, idx))
+
+
+class FolderLoader(_Loader):
+    """Batches of a `FileSplit`: DataLoader workers decode and resize the files to uint8,
+    pinned host memory and non-blocking copies move them, and augmentation runs on the
+    device as for in-memory data."""
+
+    def __init__(self, split: FileSplit, *, num_workers: int = 0, **kwargs: Any) -> None:
+        super().__init__(len(split), **kwargs)
+        self.split = split
+        self.num_workers = num_workers
+        self._warned: set[str] = set()
+
+    def iter_from(self, order: Tensor, start: int = 0) -> Iterator[tuple[Tensor, Tensor]]:
+        batches = [idx.cpu().tolist() for idx in self._batch_indices(order, start)]
+        if not batches:
+            return
+        loader = torch.utils.data.DataLoader(
+            _DecodedFiles(self.split),
+            batch_sampler=batches,
+            num_workers=self.num_workers,
+            collate_fn=_collate_decoded,
+            pin_memory=self.device.type == "cuda",
+        )
+        for images, labels, failures in loader:
+            for path, error in failures:
+                if self.split.on_error != "skip":
+                    raise ConfigError(
+                        f"cannot read image {path} ({error}); fix or remove it, or set dataset.on_error=skip"
+                    )
+                if path not in self._warned:
+                    self._warned.add(path)
+                    log.warning("skipping unreadable image %s (%s)", path, error)
+            if len(labels) == 0:
+                raise ConfigError(f"a whole batch of images could not be read (e.g. {failures[0][0]})")
+            non_blocking = self.device.type == "cuda"
+            yield self._finish(
+                images.to(self.device, non_blocking=non_blocking),
+                labels.to(self.device, non_blocking=non_blocking),
+            )
+
+
+def make_loader(
+    split: Split | FileSplit,
+    *,
+    batch_size: int,
+    transform: BatchTransform,
+    train: bool,
+    device: torch.device,
+    generator: torch.Generator | None = None,
+    augment_generator: torch.Generator | None = None,
+    num_workers: int = 0,
+    rank: int = 0,
+    world_size: int = 1,
+) -> DeviceLoader | FolderLoader:
+    """The loader that fits the split: in-memory splits move to the device once; file splits
+    stream through DataLoader workers. `rank`/`world_size` select a data-parallel shard."""
+    common = {
+        "batch_size": batch_size,
+        "transform": transform,
+        "train": train,
+        "generator": generator,
+        "augment_generator": augment_generator,
+        "rank": rank,
+        "world_size": world_size,
+    }
+    if isinstance(split, FileSplit):
+        return FolderLoader(split, device=device, num_workers=num_workers, **common)
+    return DeviceLoader(split.to(device), **common)
