@@ -8,13 +8,15 @@ forward, backward and optimizer step.
 
 Method. One epoch of vitexp's training loop, built from the loop's own pieces (in-memory
 CIFAR split on the device, `DeviceLoader` + `BatchTransform` with the cifar10 config's
-augmentation, `param_groups` + AdamW as in conf/optimizer/adamw.yaml, warmup-cosine
-`LambdaLR`, cross-entropy, grad clipping at 1.0, a device-side loss sum), with a wall-clock
-stamp between the phases of every step:
+augmentation, `param_groups` + AdamW as in conf/optimizer/adamw.yaml, the warmup-cosine
+schedule set by `set_lr`, the library's `train_step` with cross-entropy and grad clipping at
+1.0, the device-side `LossWindow`), with wall-clock stamps around every phase:
 
-  data         next(batches): index the epoch's order, augment, normalise (+ mixup if on)
-  model        autocast forward + loss, backward; then clip, optimizer.step(), zero_grad()
-  bookkeeping  scheduler.step(), the device-side loss/finite bookkeeping, the loop itself
+  data         next(batches): index the epoch's order, augment, normalise (timed inside the
+               step by wrapping the batch iterator)
+  step         the rest of `vitexp.training.loop.train_step`: mixup (if on), autocast forward +
+               loss, backward, clip, optimizer.step(), zero_grad()
+  bookkeeping  set_lr from the schedule, the device-side loss/finite window, the loop itself
 
 overhead = (epoch wall time - model time) / epoch wall time, where the epoch wall time runs
 from drawing the epoch's order to the end of the last step. On the CPU every op is
@@ -28,9 +30,12 @@ Two warm-up steps run first (first-step allocations, autotuning), outside the ep
 
 from __future__ import annotations
 
+import functools
+import itertools
 import statistics
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -60,8 +65,28 @@ from benchmarks.common import (
 TARGET = 0.10
 
 
+class _TimedBatches:
+    """Batches from `batches`, with the seconds spent producing them (the data phase) summed
+    in `seconds`: the step pulls its batch itself, so the data time is measured inside it."""
+
+    def __init__(self, batches: Iterator[tuple[torch.Tensor, torch.Tensor]], device: torch.device) -> None:
+        self.batches, self.device = batches, device
+        self.seconds: list[float] = []
+
+    def __iter__(self) -> _TimedBatches:
+        return self
+
+    def __next__(self) -> tuple[torch.Tensor, torch.Tensor]:
+        synchronize(self.device)
+        start = time.perf_counter()
+        batch = next(self.batches)
+        synchronize(self.device)
+        self.seconds.append(time.perf_counter() - start)
+        return batch
+
+
 class _Loop:
-    """The training loop's pieces for one model and data set, and one step split in phases."""
+    """The training loop's pieces for one model and data set: the library's own `Step`."""
 
     def __init__(
         self,
@@ -74,7 +99,10 @@ class _Loop:
         mixup: bool,
     ) -> None:
         from vitexp.data import BatchTransform, DeviceLoader, load_cifar10
+        from vitexp.data.augment import mixup_cutmix
+        from vitexp.training.metrics import LossWindow
         from vitexp.training.optim import make_schedule, param_groups
+        from vitexp.training.setup import Step
 
         self.device = device
         split = load_cifar10(root, download=False).train.to(device)
@@ -86,97 +114,73 @@ class _Loop:
             split, batch_size=spec.batch_size, transform=transform, train=True, generator=self.generator
         )
         torch.manual_seed(0)
-        self.model = vitexp_model(spec).to(device)
-        self.optimizer = torch.optim.AdamW(
-            param_groups(self.model, 0.05), lr=1e-3, betas=(0.9, 0.999), eps=1e-8
-        )
-        schedule = make_schedule(
+        model = vitexp_model(spec).to(device)
+        optimizer = torch.optim.AdamW(param_groups(model, 0.05), lr=1e-3, betas=(0.9, 0.999), eps=1e-8)
+        self.schedule = make_schedule(
             {"_target_": "vitexp.training.optim.warmup_cosine", "_partial_": True, "warmup_epochs": 1.0},
             steps_per_epoch=len(self.loader),
-            total_steps=10 * len(self.loader),
         )
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, schedule)
-        self.scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
-        self.autocast = autocast(device, precision)
-        self.criterion = nn.CrossEntropyLoss()
-        self.num_classes = spec.num_classes
-        self.mixup = mixup
-        self.loss_sum = torch.zeros((), device=device)
-        self.finite = torch.ones((), dtype=torch.bool, device=device)
-
-    def fetch(self, batches: Any) -> tuple[torch.Tensor, torch.Tensor]:
-        x, y = next(batches)
-        if self.mixup:
-            from vitexp.data.augment import mixup_cutmix
-
-            x, y = mixup_cutmix(
-                x,
-                y,
-                num_classes=self.num_classes,
-                mixup_alpha=0.8,
-                cutmix_alpha=1.0,
+        self.total_steps = 10 * len(self.loader)
+        self.base_lrs = [g["lr"] for g in optimizer.param_groups]
+        mix = None
+        if mixup:
+            mix = functools.partial(
+                mixup_cutmix, num_classes=spec.num_classes, mixup_alpha=0.8, cutmix_alpha=1.0,
                 generator=self.generator,
-            )
-        return x, y
+            )  # fmt: skip
+        self.step = Step(
+            forward=model,
+            model=model,
+            optimizer=optimizer,
+            loss_fn=nn.CrossEntropyLoss(),
+            autocast=autocast(device, precision),
+            scaler=torch.amp.GradScaler(device.type, enabled=precision == "fp16"),
+            grad_clip=1.0,
+            mix=mix,
+        )
+        self.window = LossWindow(device)
+        self.global_step = 0
 
-    def forward_backward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        self.model.train()
-        with self.autocast:
-            loss = self.criterion(self.model(x), y)
-        self.scaler.scale(loss).backward()
-        return loss.detach()
+    def train_step(self, batches: Iterator[tuple[torch.Tensor, torch.Tensor]]) -> Any:
+        from vitexp.training.loop import train_step
 
-    def update(self) -> torch.Tensor:
-        self.scaler.unscale_(self.optimizer)
-        grad_norm = nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
-        self.scaler.step(self.optimizer)
-        self.scaler.update()
-        self.optimizer.zero_grad(set_to_none=True)
-        return grad_norm
+        return train_step(self.step, batches)
 
-    def bookkeeping(self, loss: torch.Tensor, grad_norm: torch.Tensor) -> None:
-        self.scheduler.step()
-        self.loss_sum += loss
-        self.finite &= torch.isfinite(loss) & torch.isfinite(grad_norm)
+    def bookkeeping(self, loss: torch.Tensor, finite: torch.Tensor) -> None:
+        from vitexp.training.optim import set_lr
 
-    def step(self, batches: Any) -> None:
-        x, y = self.fetch(batches)
-        loss = self.forward_backward(x, y)
-        self.bookkeeping(loss, self.update())
+        self.global_step += 1
+        self.window.add(loss, finite, self.global_step)
+        set_lr(self.step.optimizer, self.base_lrs, self.schedule(self.global_step, self.total_steps))
+
+    def run_step(self, batches: Iterator[tuple[torch.Tensor, torch.Tensor]]) -> None:
+        result = self.train_step(batches)
+        self.bookkeeping(result.loss, result.finite)
 
 
 def instrumented_epoch(loop: _Loop, steps: int) -> dict[str, float]:
     """Seconds per phase over one epoch of `steps` steps, the epoch's wall time, and the median
     and largest data time of a step."""
     sync = lambda: synchronize(loop.device)  # noqa: E731
-    phases = {"data": 0.0, "forward_backward": 0.0, "optimizer_step": 0.0, "bookkeeping": 0.0}
-    data_steps: list[float] = []
+    phases = {"data": 0.0, "step": 0.0, "bookkeeping": 0.0}
     sync()
     start = time.perf_counter()
-    batches = loop.loader.iter_from(loop.loader.new_order())
+    batches = _TimedBatches(loop.loader.iter_from(loop.loader.new_order()), loop.device)
     for _ in range(steps):
         t0 = time.perf_counter()
-        x, y = loop.fetch(batches)
+        result = loop.train_step(batches)
         sync()
         t1 = time.perf_counter()
-        loss = loop.forward_backward(x, y)
+        loop.bookkeeping(result.loss, result.finite)
         sync()
         t2 = time.perf_counter()
-        grad_norm = loop.update()
-        sync()
-        t3 = time.perf_counter()
-        loop.bookkeeping(loss, grad_norm)
-        sync()
-        t4 = time.perf_counter()
-        phases["data"] += t1 - t0
-        data_steps.append(t1 - t0)
-        phases["forward_backward"] += t2 - t1
-        phases["optimizer_step"] += t3 - t2
-        phases["bookkeeping"] += t4 - t3
+        phases["step"] += t1 - t0 - batches.seconds[-1]
+        phases["bookkeeping"] += t2 - t1
     sync()
+    phases["data"] = sum(batches.seconds)
     phases["epoch"] = time.perf_counter() - start
-    phases["data_step_median"] = statistics.median(data_steps)
-    phases["data_step_max"] = max(data_steps)
+    phases["data_step_median"] = statistics.median(batches.seconds)
+    phases["data_step_max"] = max(batches.seconds)
     return phases
 
 
@@ -187,19 +191,17 @@ def ab_epochs(loop: _Loop, steps: int) -> dict[str, float]:
     start = time.perf_counter()
     batches = loop.loader.iter_from(loop.loader.new_order())
     for _ in range(steps):
-        loop.step(batches)
+        loop.run_step(batches)
     sync()
     real = time.perf_counter() - start
-    x, y = loop.fetch(iter(loop.loader))
-    fixed_batch = iter(lambda: (x, y), None)  # the same tensors forever, no loader work
-    saved_mixup, loop.mixup = loop.mixup, False  # the batch is already mixed if mixup is on
+    x, y = next(iter(loop.loader))
+    fixed_batch = itertools.repeat((x, y))  # the same tensors forever, no loader work
     sync()
     start = time.perf_counter()
     for _ in range(steps):
-        loop.step(fixed_batch)
+        loop.run_step(fixed_batch)
     sync()
     fixed = time.perf_counter() - start
-    loop.mixup = saved_mixup
     return {"real": real, "fixed": fixed}
 
 
@@ -230,10 +232,10 @@ def run(
     steps = len(loop.loader) if max_steps is None else min(max_steps, len(loop.loader))
     warm = loop.loader.iter_from(loop.loader.new_order())
     for _ in range(2):
-        loop.step(warm)
+        loop.run_step(warm)
 
     phases = instrumented_epoch(loop, steps)
-    model_time = phases["forward_backward"] + phases["optimizer_step"]
+    model_time = phases["step"]
     results: dict[str, Any] = {
         "machine": machine(dev),
         "shape": shape_dict(spec),
@@ -242,10 +244,7 @@ def run(
         "mixup": mixup,
         "steps": steps,
         "seconds": phases,
-        "shares": {
-            k: phases[k] / phases["epoch"]
-            for k in ("data", "forward_backward", "optimizer_step", "bookkeeping")
-        },
+        "shares": {k: phases[k] / phases["epoch"] for k in ("data", "step", "bookkeeping")},
         "overhead": 1.0 - model_time / phases["epoch"],
         "target": TARGET,
     }
@@ -274,7 +273,7 @@ def report(results: dict[str, Any]) -> str:
                     f"{results['shares'][name]:.2%}",
                     f"{sec[name] / results['steps'] * 1e3:.2f}",
                 ]
-                for name in ("data", "forward_backward", "optimizer_step", "bookkeeping")
+                for name in ("data", "step", "bookkeeping")
             ]
             + [["unaccounted (loop, stamps)", "", f"{results['shares']['unaccounted']:.2%}", ""]]
             + [["epoch", f"{sec['epoch']:.3f}", "100%", f"{sec['epoch'] / results['steps'] * 1e3:.2f}"]],

@@ -8,13 +8,15 @@ shapes, optimizer (AdamW) and precision, measured side by side in one process.
 
 First the AdamW variants (for-loop, foreach, fused) are timed on their own, optimizer.step()
 over the model's parameters with gradients present; the fastest one is then used by every
-candidate of the step comparison. A step is forward, cross-entropy, backward, optimizer step
-and zero_grad, on a fixed random batch (no data loading: that is benchmarks/data_path.py).
+candidate of the step comparison. A step is vitexp's `train_step` (forward, cross-entropy,
+backward, optimizer step and zero_grad) on a fixed random batch (no data loading: that is
+benchmarks/data_path.py).
 Weights are randomly initialised: throughput does not depend on their values.
 """
 
 from __future__ import annotations
 
+import itertools
 import sys
 import time
 from pathlib import Path
@@ -24,7 +26,6 @@ if __package__ in (None, ""):  # run as a script: make the repository importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from benchmarks.common import (
@@ -93,20 +94,23 @@ def time_optimizers(
 def train_step(
     model: nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor, precision: str
 ) -> Any:
-    """One training step as a closure: autocast forward and loss, (scaled) backward, step."""
-    device = x.device
-    context = autocast(device, precision)
-    scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
+    """One training step as a closure: vitexp's own `train_step` (autocast forward and loss,
+    scaled backward, optimizer step, zero_grad; no clipping) on a fixed batch, whichever model
+    it is given, so both sides of the comparison run exactly the step vitexp trains with."""
+    from vitexp.runtime import unwrap
+    from vitexp.training.loop import train_step as library_step
+    from vitexp.training.setup import Step
 
-    def step() -> None:
-        with context:
-            loss = F.cross_entropy(model(x), y)
-        scaler.scale(loss).backward()
-        scaler.step(optimizer)
-        scaler.update()
-        optimizer.zero_grad(set_to_none=True)
-
-    return step
+    step = Step(
+        forward=model,
+        model=unwrap(model),
+        optimizer=optimizer,
+        loss_fn=nn.CrossEntropyLoss(),
+        autocast=autocast(x.device, precision),
+        scaler=torch.amp.GradScaler(x.device.type, enabled=precision == "fp16"),
+    )
+    batches = itertools.repeat((x, y))
+    return lambda: library_step(step, batches)
 
 
 def run(

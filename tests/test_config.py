@@ -11,7 +11,7 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
-from tests.conftest import REPO, compose_cfg, run_cli
+from tests.helpers import REPO, compose_cfg, run_cli
 from vitexp.config import conf_dir, experiments_dir, register_experiments
 
 GROUPS = ["model", "dataset", "optimizer", "scheduler", "trainer", "logger"]

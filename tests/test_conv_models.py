@@ -23,7 +23,7 @@ from hydra.utils import instantiate
 from omegaconf import OmegaConf
 from torch import Tensor, nn
 
-from tests.conftest import compose_cfg
+from tests.helpers import compose_cfg
 from tests.test_convert import _npz_arrays
 from vitexp.config import conf_dir
 from vitexp.errors import ConfigError

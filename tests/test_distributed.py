@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.conftest import REPO, TINY_MODEL, run_cli
+from tests.helpers import REPO, TINY_MODEL, run_cli
 from vitexp.data import BatchTransform, DeviceLoader, Split
 from vitexp.errors import ConfigError
 from vitexp.training.checkpoint import load_checkpoint
@@ -122,7 +122,9 @@ def test_resume_under_ddp_restores_every_ranks_random_streams(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     ckpt = load_checkpoint(reference / "epoch1.pt")
     assert ckpt["world_size"] == 2 and len(ckpt["rank_rng"]) == 2
-    assert not torch.equal(ckpt["rank_rng"][0]["data"], ckpt["rank_rng"][1]["data"])  # own streams
+    assert not torch.equal(
+        ckpt["rank_rng"][0]["generator"]["state"], ckpt["rank_rng"][1]["generator"]["state"]
+    )  # own streams
     resumed = tmp_path / "resumed"
     result = torchrun(*RANDOM, f"trainer.resume={reference}/epoch1.pt", f"hydra.run.dir={resumed}")
     assert result.returncode == 0, result.stderr[-3000:]
@@ -158,7 +160,11 @@ def test_sigterm_under_ddp_checkpoints_mid_epoch_and_resumes_exactly(tmp_path):
     ckpt = load_checkpoint(run_dir / "last.pt")
     assert "stopped by SIGTERM at step" in output, output[-3000:]
     assert "Resume with: torchrun --nproc_per_node=2 -m vitexp" in output
-    assert ckpt["epoch"] == 2 and not ckpt["epoch_complete"] and ckpt["global_step"] >= 40
+    assert (
+        ckpt["progress"]["epoch"] == 2
+        and not ckpt["progress"]["epoch_complete"]
+        and ckpt["progress"]["global_step"] >= 40
+    )
     resumed = torchrun(*RANDOM, f"hydra.run.dir={run_dir}", "trainer.resume=auto")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert losses(run_dir) == losses(reference)
@@ -295,13 +301,23 @@ def test_submitits_requeue_signal_checkpoints_first_then_reaches_its_handler():
 
 
 def test_a_requeued_slurm_job_resumes_its_run(tmp_path, monkeypatch):
-    from tests.conftest import compose_cfg
+    from tests.helpers import compose_cfg
     from vitexp.training import train
 
-    overrides = [o for o in EXACT if not o.startswith("trainer.max_epochs=")]
-    train(compose_cfg([*overrides, "trainer.max_epochs=1"], run_dir=tmp_path))
-    assert load_checkpoint(tmp_path / "last.pt")["global_step"] == 32
+    class Killed(Exception):
+        """The job dies at step 40 (a node failure): last.pt is the end of epoch 1."""
+
+    def dies_at_step_40(logits, target, calls=[]):  # noqa: B006 (the counter is the point)
+        calls.append(1)
+        if len(calls) == 40:
+            raise Killed
+        return torch.nn.functional.cross_entropy(logits, target)
+
+    cfg = compose_cfg([*EXACT, "trainer.max_epochs=2"], run_dir=tmp_path)
+    with pytest.raises(Killed):
+        train(cfg, loss_fn=dies_at_step_40)
+    assert load_checkpoint(tmp_path / "last.pt")["progress"]["global_step"] == 32
     monkeypatch.setenv("SLURM_RESTART_COUNT", "1")
-    train(compose_cfg([*overrides, "trainer.max_epochs=2"], run_dir=tmp_path))
-    assert load_checkpoint(tmp_path / "last.pt")["global_step"] == 64
+    train(cfg)
+    assert load_checkpoint(tmp_path / "last.pt")["progress"]["global_step"] == 64
     assert [r["step"] for r in rows(tmp_path) if "train/loss" in r] == list(range(1, 65))

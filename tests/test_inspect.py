@@ -22,12 +22,12 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 from PIL import Image
 
-from tests.conftest import REPO, TINY_MODEL, compose_cfg
+from tests.helpers import REPO, TINY_MODEL, compose_cfg
 from vitexp.attention import attention_figure
 from vitexp.cli import one_line_errors
 from vitexp.config import conf_dir
 from vitexp.data import DeviceLoader, carve_validation, crop_to_aspect, load_digits, load_fake, read_image
-from vitexp.errors import ConfigError
+from vitexp.errors import ConfigError, DataError
 from vitexp.evaluate import evaluate_checkpoint
 from vitexp.export import export_checkpoint
 from vitexp.inference import dataset_from_cfg, load_trained
@@ -395,9 +395,9 @@ def test_a_command_without_its_checkpoint_stops_in_one_line(command, caplog):
 
 def test_only_vitexp_training_checkpoints_are_loaded(tmp_path):
     torch.save({"head.weight": torch.zeros(2, 2)}, tmp_path / "weights.pt")
-    with pytest.raises(ConfigError, match="is not a vitexp training checkpoint"):
+    with pytest.raises(DataError, match="is not a vitexp training checkpoint"):
         load_trained(tmp_path / "weights.pt")
-    with pytest.raises(ConfigError, match="does not exist"):
+    with pytest.raises(DataError, match="does not exist"):
         load_trained(tmp_path / "nope.pt")
 
 

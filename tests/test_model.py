@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from omegaconf import OmegaConf
 
-from tests.conftest import compose_cfg
+from tests.helpers import compose_cfg
 from vitexp.config import conf_dir
 from vitexp.errors import ConfigError
 from vitexp.models import VisionTransformer, build_model

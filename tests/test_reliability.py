@@ -15,10 +15,10 @@ import pytest
 import torch
 from PIL import Image
 
-from tests.conftest import REPO, TINY_MODEL, run_cli
-from vitexp.errors import ConfigError
+from tests.helpers import REPO, TINY_MODEL, NanAtStep, rows, run_cli
+from vitexp.errors import ConfigError, DataError, TrainingDiverged
 from vitexp.training import train
-from vitexp.training.checkpoint import load_checkpoint
+from vitexp.training.checkpoint import load_checkpoint, save_checkpoint
 from vitexp.training.preemption import EXIT_PREEMPTED
 
 # Dropout, drop path, crops and flips all draw random numbers: resume must restore every RNG.
@@ -30,10 +30,6 @@ RESUMABLE = [
     "trainer.progress=false",
 ]  # fmt: skip
 STEPS = 2 * (1024 // 32)
-
-
-def rows(run_dir: Path) -> list[dict]:
-    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
 def curve(run_dir: Path) -> tuple[list, list]:
@@ -92,7 +88,11 @@ def test_sigkill_mid_epoch_then_resume_matches_an_uninterrupted_run(reference, t
     proc.wait()
     assert not (run_dir / "summary.json").exists(), "the run finished before it was killed"
     ckpt = load_checkpoint(run_dir / "last.pt")
-    assert ckpt["epoch"] == 2 and 0 < ckpt["step_in_epoch"] < 32 and not ckpt["epoch_complete"]
+    assert (
+        ckpt["progress"]["epoch"] == 2
+        and 0 < ckpt["progress"]["step_in_epoch"] < 32
+        and not ckpt["progress"]["epoch_complete"]
+    )
     resumed = run_cli(*RESUMABLE, f"hydra.run.dir={run_dir}", "trainer.resume=auto")
     assert resumed.returncode == 0, resumed.stdout[-3000:]
     assert "resuming from" in resumed.stdout
@@ -109,7 +109,7 @@ def test_sigterm_checkpoints_at_the_step_boundary_and_says_how_to_resume(referen
     assert proc.returncode == EXIT_PREEMPTED, output[-3000:]
     assert "SIGTERM received" in output and "Resume with: python -m vitexp" in output
     ckpt = load_checkpoint(run_dir / "last.pt")
-    assert ckpt["global_step"] >= 10 and not ckpt["epoch_complete"]
+    assert ckpt["progress"]["global_step"] >= 10 and not ckpt["progress"]["epoch_complete"]
     command = output.split("Resume with: ")[1].splitlines()[0]
     assert f"hydra.run.dir={run_dir}" in command and command.endswith("trainer.resume=auto")
     wandb_id = ckpt["logger_ids"]["wandb"]
@@ -149,7 +149,7 @@ def test_resume_auto_without_a_checkpoint_starts_fresh(cfg_factory):
     cfg = cfg_factory("dataset=fake", *TINY_MODEL, "model.img_size=16", "trainer.max_steps=2",
                       "trainer.batch_size=32", "trainer.resume=auto", "trainer.progress=false")  # fmt: skip
     train(cfg)
-    assert load_checkpoint(Path(cfg.run_dir) / "last.pt")["global_step"] == 2
+    assert load_checkpoint(Path(cfg.run_dir) / "last.pt")["progress"]["global_step"] == 2
 
 
 def test_second_signal_exits_at_once(tmp_path):
@@ -192,22 +192,20 @@ def test_keep_last_k_bounds_epoch_checkpoints(cfg_factory):
     assert sorted(p.name for p in Path(cfg.run_dir).glob("epoch*.pt")) == ["epoch3.pt", "epoch4.pt"]
 
 
-def test_disk_full_keeps_the_previous_checkpoint_and_says_so(cfg_factory, monkeypatch, caplog):
-    import vitexp.training.loop
-
-    real_save, calls = vitexp.training.loop.save_checkpoint, []
+def test_disk_full_keeps_the_previous_checkpoint_and_says_so(cfg_factory, caplog):
+    calls = []
 
     def save(state, path):
         calls.append(Path(path).name)
         if len(calls) > 2:  # epoch 1 saves last.pt and best.pt; later writes find the disk full
             raise OSError(28, "No space left on device")
-        real_save(state, path)
+        save_checkpoint(state, path)
 
-    monkeypatch.setattr(vitexp.training.loop, "save_checkpoint", save)
     cfg = cfg_factory(*FAST, "trainer.max_epochs=3")
     with caplog.at_level(logging.WARNING, logger="vitexp.training"):
-        train(cfg)
-    assert load_checkpoint(Path(cfg.run_dir) / "last.pt")["epoch"] == 1
+        train(cfg, write_checkpoint=save)
+    assert calls[:3] == ["last.pt", "best.pt", "last.pt"]
+    assert load_checkpoint(Path(cfg.run_dir) / "last.pt")["progress"]["epoch"] == 1
     assert "(No space left on device); the previous last.pt is kept" in caplog.text
     assert json.loads((Path(cfg.run_dir) / "summary.json").read_text())["epochs"] == 3
 
@@ -219,16 +217,39 @@ def test_resume_from_another_architecture_names_the_key_and_shapes(cfg_factory, 
                         f"trainer.resume={first.run_dir}/last.pt")  # fmt: skip
     other.run_dir = str(tmp_path / "other")
     with pytest.raises(
+        ConfigError, match=r"would change the run: model\.hidden_size: 32 -> 48; model\.mlp_dim"
+    ) as e:
+        train(other)
+    assert "trainer.max_steps: 1 -> 2" in str(e.value) and "trainer.resume_allow_changes=true" in str(e.value)
+    assert "\n" not in str(e.value)
+    other.trainer.resume_allow_changes = True  # then the weights themselves do not fit
+    with pytest.raises(
         ConfigError, match=r"is \(32, 3, 4, 4\) in the file but \(48, 3, 4, 4\) in the model"
     ) as e:
         train(other)
     assert "\n" not in str(e.value)
 
 
+def test_resume_a_run_cut_short_by_max_steps_to_a_longer_one(cfg_factory):
+    """The first run ends after 4 of the epoch's 16 steps; continued to 7 steps (a change it
+    must be allowed), it trains 3 more in a new epoch and ends, instead of looping over
+    empty epochs."""
+    cfg = cfg_factory(*FAST, "trainer.max_steps=4", "scheduler=constant")
+    train(cfg)
+    cfg.trainer.max_steps, cfg.trainer.resume, cfg.trainer.resume_allow_changes = 7, "auto", True
+    signal.alarm(120)  # a regression would loop forever: fail instead
+    try:
+        train(cfg)
+    finally:
+        signal.alarm(0)
+    ckpt = load_checkpoint(Path(cfg.run_dir) / "last.pt")
+    assert ckpt["progress"]["global_step"] == 7 and ckpt["progress"]["epoch"] == 2
+
+
 def test_resume_from_a_corrupt_or_missing_checkpoint(cfg_factory, tmp_path):
     broken = tmp_path / "broken.pt"
     broken.write_bytes(b"PK\x03\x04 not really a checkpoint")
-    with pytest.raises(ConfigError, match="truncated or corrupt"):
+    with pytest.raises(DataError, match="truncated or corrupt"):
         train(cfg_factory(*FAST, f"trainer.resume={broken}"))
     with pytest.raises(ConfigError, match="no such checkpoint"):
         train(cfg_factory(*FAST, f"trainer.resume={tmp_path}/nope.pt"))
@@ -237,43 +258,35 @@ def test_resume_from_a_corrupt_or_missing_checkpoint(cfg_factory, tmp_path):
 # --------------------------------------------------------------------------- numerical faults
 
 
-@pytest.fixture
-def nan_at_step_5(monkeypatch):
-    """Make the 5th training loss NaN (evaluation uses F.cross_entropy, not the module)."""
-    real, calls = torch.nn.CrossEntropyLoss.forward, []
-
-    def forward(self, logits, target):
-        calls.append(1)
-        loss = real(self, logits, target)
-        return loss * float("nan") if len(calls) == 5 else loss
-
-    monkeypatch.setattr(torch.nn.CrossEntropyLoss, "forward", forward)
-
-
-def test_nonfinite_loss_stops_naming_the_step_and_the_last_good_checkpoint(cfg_factory, nan_at_step_5):
+def test_nonfinite_loss_stops_naming_the_step_and_the_last_good_checkpoint(cfg_factory):
     cfg = cfg_factory(
         *FAST, "trainer.max_steps=8", "trainer.checkpoint_every_steps=2", "trainer.log_every_steps=3"
     )
-    with pytest.raises(ConfigError) as e:
-        train(cfg)
+    with pytest.raises(TrainingDiverged) as e:
+        train(cfg, loss_fn=NanAtStep(5))
     message = str(e.value)
+    assert e.value.step == 5 and e.value.exit_code == 4
+    # Found at the first log point after it (step 6), before the loss was logged.
+    assert not any(r["step"] >= 5 for r in rows(Path(cfg.run_dir)) if "train/loss" in r)
     assert (
         "non-finite at step 5" in message
         and f"Last good checkpoint: {cfg.run_dir}/last.pt (step 4)" in message
     )
     assert "trainer.on_nonfinite=skip" in message
     ckpt = load_checkpoint(Path(cfg.run_dir) / "last.pt")
-    assert ckpt["global_step"] == 4
+    assert ckpt["progress"]["global_step"] == 4
     assert all(torch.isfinite(v).all() for v in ckpt["model"].values())
 
 
-def test_nonfinite_loss_can_skip_the_step(cfg_factory, nan_at_step_5, caplog):
-    cfg = cfg_factory(*FAST, "trainer.max_steps=8", "trainer.on_nonfinite=skip")
+def test_nonfinite_loss_can_skip_the_step(cfg_factory, caplog):
+    cfg = cfg_factory(*FAST, "trainer.max_steps=8", "trainer.on_nonfinite=skip", "trainer.log_every_steps=1")
     with caplog.at_level(logging.WARNING, logger="vitexp.training"):
-        train(cfg)
+        train(cfg, loss_fn=NanAtStep(5))
     assert "step 5: non-finite loss or gradient; step skipped" in caplog.text
+    logged = [r["step"] for r in rows(Path(cfg.run_dir)) if "train/loss" in r]
+    assert logged == [1, 2, 3, 4, 6, 7, 8]  # the skipped step has no finite loss to log
     ckpt = load_checkpoint(Path(cfg.run_dir) / "last.pt")
-    assert ckpt["global_step"] == 8
+    assert ckpt["progress"]["global_step"] == 8
     assert all(torch.isfinite(v).all() for v in ckpt["model"].values())
     assert all(r["train/loss"] == r["train/loss"] for r in rows(Path(cfg.run_dir)) if "train/loss" in r)
 

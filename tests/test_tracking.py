@@ -12,7 +12,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from tests.conftest import REPO, TINY_MODEL, compose_cfg, run_cli
+from tests.helpers import REPO, TINY_MODEL, compose_cfg, run_cli
 from vitexp.config import experiments_dir
 from vitexp.models import VisionTransformer
 from vitexp.report import read_sweep

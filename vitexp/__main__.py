@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import datetime
 import logging
+import os
+import shlex
 import sys
 from pathlib import Path
 
@@ -18,8 +20,9 @@ from hydra.errors import HydraException
 from omegaconf import DictConfig
 
 from vitexp.config import conf_dir, register_experiments, register_resolvers, set_launch_time
-from vitexp.errors import ConfigError
+from vitexp.errors import VitexpError
 from vitexp.training import distributed
+from vitexp.training.context import RunContext
 from vitexp.training.preemption import EXIT_PREEMPTED, Preempted, pass_on
 
 log = logging.getLogger("vitexp")
@@ -57,17 +60,39 @@ def check_group_choices(args: list[str]) -> str | None:
     return None
 
 
+def run_context(world: distributed.World) -> RunContext:
+    """What Hydra decided about this job: its run dir, a readable name (the job's overrides),
+    the sweep as group in a multirun, and the command that continues the run."""
+    hc = HydraConfig.get()
+    run_dir = Path(hc.runtime.output_dir)
+    name = hc.job.override_dirname or f"{hc.runtime.choices.get('model')}-{hc.runtime.choices.get('dataset')}"
+    group = None
+    if hc.mode.name == "MULTIRUN":
+        sweep = Path(hc.sweep.dir)
+        group = f"{sweep.parent.name}/{sweep.name}"
+    replaced = ("trainer.resume=", "hydra.run.dir=", "hydra.sweep.")
+    overrides = [o for o in hc.overrides.task if not o.startswith(replaced)]
+    args = [*overrides, f"hydra.run.dir={run_dir}", "trainer.resume=auto"]
+    launcher = "python -m vitexp"
+    if world.distributed:
+        launcher = "torchrun [the same torchrun options] -m vitexp"
+        if os.environ.get("LOCAL_WORLD_SIZE") == str(world.size):  # a single node
+            launcher = f"torchrun --nproc_per_node={world.size} -m vitexp"
+    resume = f"{launcher} " + " ".join(shlex.quote(a) for a in args)
+    return RunContext(run_dir=run_dir, name=name, group=group, world=world, resume_command=resume)
+
+
 @hydra.main(version_base="1.3", config_path=str(conf_dir()), config_name="config")
 def _hydra_main(cfg: DictConfig) -> float:
     from vitexp.training import train
 
     multirun = HydraConfig.get().mode.name == "MULTIRUN"
     try:
-        return train(cfg)
-    except ConfigError as e:
+        return train(cfg, run_context(distributed.launch_world()))
+    except VitexpError as e:
         log.error("error: %s", e)
         if not multirun:
-            sys.exit(2)
+            sys.exit(e.exit_code)
         return _failed_job(f"error: {e}")
     except Preempted as e:
         # Stop the whole process (a sweep too): the scheduler wants the machine back. Under

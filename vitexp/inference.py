@@ -17,7 +17,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 from torch import Tensor, nn
@@ -27,7 +26,7 @@ from vitexp.data.transforms import eval_batches
 from vitexp.errors import ConfigError
 from vitexp.models import build_model
 from vitexp.runtime import pick_device
-from vitexp.training.checkpoint import load_checkpoint
+from vitexp.training.checkpoint import read_training_checkpoint
 
 log = logging.getLogger("vitexp")
 
@@ -70,9 +69,9 @@ class TrainedModel:
 
 def load_dataset(load_cfg: Mapping[str, Any], what: str) -> ImageData:
     """Instantiate a `dataset.load` config, turning its failures into one ConfigError line."""
-    from vitexp.training.loop import build
+    from vitexp.training.setup import instantiate_group
 
-    data = build("dataset", lambda: instantiate(dict(load_cfg), _convert_="all"))
+    data = instantiate_group("dataset.load", dict(load_cfg), label="dataset", _convert_="all")
     if not isinstance(data, ImageData):
         raise ConfigError(f"{what}: dataset.load built a {type(data).__name__}, not vitexp.data.ImageData")
     return data
@@ -125,19 +124,17 @@ def load_trained(checkpoint: str | Path, device: str | torch.device = "cpu") -> 
     The file is read onto the CPU first (so a GPU-trained checkpoint opens on a machine
     without one), then the model moves to `device` (`auto`: CUDA when present).
     """
-    from vitexp.training.loop import build
-
     path = Path(checkpoint)
-    ckpt = load_checkpoint(path, map_location="cpu")
-    config = ckpt.get("config") if isinstance(ckpt, dict) else None
-    if not isinstance(config, dict) or not isinstance(config.get("model"), dict) or "model" not in ckpt:
+    ckpt = read_training_checkpoint(path, map_location="cpu")
+    config = ckpt.get("config")
+    if not isinstance(config, dict) or not isinstance(config.get("model"), dict):
         raise ConfigError(
             f"{path} is not a vitexp training checkpoint (it has no stored config and model weights); "
             f"use last.pt or best.pt from a run directory"
         )
     # The stored config may name the pretrained weights the run started from; the
     # checkpoint's own weights replace them, so that file is not read (and need not exist).
-    model = build("model", lambda: build_model(config["model"], load_pretrained=False))
+    model = build_model(config["model"], load_pretrained=False)
     if not (hasattr(model, "img_size") and hasattr(model, "num_classes")):
         raise ConfigError(f"{path}: its model config builds a {type(model).__name__}, not a vitexp model")
     # A run with trainer.ema_decay evaluated (and chose best.pt by) its weight average: use it.
@@ -155,10 +152,7 @@ def load_trained(checkpoint: str | Path, device: str | torch.device = "cpu") -> 
     dataset_cfg = config.get("dataset") or {}
     if "mean" not in dataset_cfg or "std" not in dataset_cfg:
         raise ConfigError(f"{path}: the stored config has no dataset.mean/std to normalise inputs with")
-    transform = build(
-        "dataset",
-        lambda: BatchTransform(img_size=model.img_size, mean=dataset_cfg["mean"], std=dataset_cfg["std"]),
-    )
+    transform = BatchTransform(img_size=model.img_size, mean=dataset_cfg["mean"], std=dataset_cfg["std"])
     in_channels = getattr(model, "in_channels", None) or config["model"].get("in_channels")
     if in_channels is None:  # the plain ViT keeps it in its patch projection only
         in_channels = model.embeddings.patch_embeddings.in_channels
@@ -174,5 +168,7 @@ def load_trained(checkpoint: str | Path, device: str | torch.device = "cpu") -> 
         config=config,
         path=path,
         device=device,
-        info={k: ckpt[k] for k in ("epoch", "global_step", "best_metric") if k in ckpt},
+        info={
+            k: v for k, v in ckpt.get("progress", {}).items() if k in ("epoch", "global_step", "best_metric")
+        },
     )

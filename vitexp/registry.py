@@ -75,3 +75,25 @@ def build_registered(
             f"{target.rsplit('.', 1)[-1]} does not take; the checkpoint is damaged or was edited"
         )
     return fn(**kwargs)
+
+
+HYDRA_KEYS = ("_target_", "_partial_", "_recursive_", "_convert_", "_args_")
+
+
+def unknown_argument(fn: Callable[..., Any], keys: list[str]) -> tuple[str, list[str]] | None:
+    """The first of `keys` that `fn` does not take as a keyword argument, with the names it
+    does take; None when all fit (or `fn` takes **kwargs, or has no inspectable signature)."""
+    try:
+        parameters = inspect.signature(fn).parameters
+    except (TypeError, ValueError):  # builtins without a signature: nothing to check
+        return None
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values()):
+        return None
+    names = [n for n, p in parameters.items() if p.kind is not inspect.Parameter.VAR_POSITIONAL]
+    for key in keys:
+        if key not in names:
+            # Required positional parameters (an optimizer's params, a schedule's step) are
+            # filled in by the caller, not by the config: not worth listing.
+            settable = [n for n in names if parameters[n].default is not inspect.Parameter.empty]
+            return key, settable
+    return None

@@ -3,23 +3,16 @@ numpy types so that a tampered file cannot run code."""
 
 from __future__ import annotations
 
-import abc
 import logging
-import math
 import pickle
-from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
-from torch import Tensor
 
-from vitexp.errors import ConfigError
 from vitexp.data.datasets import ImageData, Split
-from vitexp.data.augment import shift_crop_flip
+from vitexp.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -141,5 +134,3 @@ def load_cifar100(root: str | Path, download: bool = True) -> ImageData:
         test=_read_cifar_batches(folder, ["test"], "fine_labels"),
         classes=classes,
     )
-
-

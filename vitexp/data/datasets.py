@@ -6,22 +6,15 @@ validation split.
 
 from __future__ import annotations
 
-import abc
 import logging
-import math
-import pickle
-from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from vitexp.errors import ConfigError
-from vitexp.data.augment import shift_crop_flip
 
 log = logging.getLogger(__name__)
 
@@ -119,5 +112,3 @@ def carve_validation(train: Split | FileSplit, fraction: float, seed: int = 0) -
     n_val = max(1, round(len(train) * fraction))
     order = torch.randperm(len(train), generator=torch.Generator().manual_seed(seed))
     return train.subset(order[n_val:]), train.subset(order[:n_val])
-
-

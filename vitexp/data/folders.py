@@ -2,23 +2,16 @@
 
 from __future__ import annotations
 
-import abc
 import logging
-import math
-import pickle
-from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
-from vitexp.errors import ConfigError
 from vitexp.data.datasets import FileSplit, ImageData
-from vitexp.data.augment import shift_crop_flip
+from vitexp.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -110,5 +103,3 @@ def _collate_decoded(items: list) -> tuple[Tensor, Tensor, list[tuple[str, str]]
     if not good:
         return torch.empty(0, dtype=torch.uint8), torch.empty(0, dtype=torch.long), failures
     return torch.stack([g[0] for g in good]), torch.tensor([g[1] for g in good]), failures
-
-

@@ -84,5 +84,3 @@ def crop_to_aspect(image: Tensor, size: Sequence[int]) -> Tensor:
         top = (height - new) // 2
         return image[..., top : top + new, :]
     return image
-
-

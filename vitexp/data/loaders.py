@@ -6,24 +6,19 @@ from __future__ import annotations
 import abc
 import logging
 import math
-import pickle
-from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
-from pathlib import Path
+from collections.abc import Iterator
 from typing import Any
 
-import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
-from vitexp.errors import ConfigError
 from vitexp.data.datasets import FileSplit, Split
 from vitexp.data.folders import _collate_decoded, _DecodedFiles
 from vitexp.data.transforms import BatchTransform
-from vitexp.data.augment import shift_crop_flip
+from vitexp.errors import ConfigError
 
 log = logging.getLogger(__name__)
+
 
 class _Loader(abc.ABC):
     """Batches of one split in a fixed order, with the order exposed so that a resumed run

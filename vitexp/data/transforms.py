@@ -2,22 +2,16 @@
 
 from __future__ import annotations
 
-import abc
 import logging
 import math
-import pickle
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
-from pathlib import Path
-from typing import Any
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from vitexp.errors import ConfigError
 from vitexp.data.augment import shift_crop_flip
+from vitexp.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -132,8 +126,6 @@ class BatchTransform:
         theta = torch.stack([torch.stack([sx, zero, cx], 1), torch.stack([zero, h, cy], 1)], 1)
         grid = F.affine_grid(theta, [batch, x.shape[1], *self.out_size], align_corners=False)
         return F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
-
-
 
 
 def eval_batches(

@@ -145,20 +145,21 @@ class WandbLogger:
 
 
 class Loggers:
-    """Fan-out to several loggers; `keys` names the configured ones (after metrics.jsonl)."""
+    """Fan-out to several loggers, finished when the `with` block ends however it ends (a W&B
+    run left open breaks the next job of a multirun). Loggers added with `add` are the
+    configured ones (W&B), whose run ids checkpoints keep."""
 
     def __init__(self, loggers: list[Any]) -> None:
-        self.loggers = loggers
-        self.keys: list[str] = []
+        self.loggers = list(loggers)
+        self.named: dict[str, Any] = {}
+
+    def add(self, key: str, logger: Any) -> None:
+        self.loggers.append(logger)
+        self.named[key] = logger
 
     def run_ids(self) -> dict[str, str]:
         """Ids of external runs (W&B), stored in checkpoints so a resumed run continues them."""
-        configured = self.loggers[len(self.loggers) - len(self.keys) :]
-        return {
-            key: lg.run_id
-            for key, lg in zip(self.keys, configured, strict=True)
-            if getattr(lg, "run_id", None)
-        }
+        return {key: lg.run_id for key, lg in self.named.items() if getattr(lg, "run_id", None)}
 
     def log(self, metrics: Mapping[str, float], step: int) -> None:
         for logger in self.loggers:
@@ -175,6 +176,12 @@ class Loggers:
     def finish(self) -> None:
         for logger in self.loggers:
             logger.finish()
+
+    def __enter__(self) -> Loggers:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.finish()
 
 
 def write_json(path: str | Path, payload: Mapping[str, Any]) -> None:

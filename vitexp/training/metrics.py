@@ -75,9 +75,10 @@ class LossWindow:
         bad = int(bad.item())
         return bad if bad >= 0 else None
 
-    def flush(self) -> tuple[float, int, float]:
-        """(mean loss of the finite steps, steps, seconds) since the last flush; then reset.
-        Collective when data-parallel: the loss is the mean over all ranks' samples."""
+    def flush(self) -> tuple[float | None, int, float]:
+        """(mean loss of the finite steps, or None when every step was skipped as non-finite;
+        steps; seconds) since the last flush; then reset. Collective when data-parallel: the
+        loss is the mean over all ranks' samples."""
         distributed.sum_(self.loss, self.world)
         distributed.sum_(self.steps, self.world)
         steps, total = int(self.steps.item()), float(self.loss.item())
@@ -90,7 +91,7 @@ class LossWindow:
         self.loss.zero_()
         self.steps.zero_()
         self.started, self.count = time.time(), 0
-        return (total / steps if steps else float("nan")), count, seconds
+        return (total / steps if steps else None), count, seconds
 
     def end_epoch(self) -> float:
         mean = float(self.epoch_loss.item()) / max(1, self.epoch_steps)

@@ -1,14 +1,18 @@
 """Optimizer parameter groups and learning-rate schedules.
 
-A schedule is a pure function of the optimizer step that returns a multiplier of the base
-learning rate; `LambdaLR` applies it, so its state is just the step count.
+A schedule is a pure function of the optimizer step (and the run's length) that returns a
+multiplier of the base learning rate. The training loop sets every group's rate from it before
+each step (`set_lr`), as nanoGPT does, so a schedule has no state to save or restore.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
 
+import torch
 from torch import nn
 
 from vitexp.errors import ConfigError
@@ -54,7 +58,20 @@ def warmup_linear(step: int, *, warmup_steps: int, total_steps: int, min_lr_rati
     return min_lr_ratio + (1 - min_lr_ratio) * (1 - progress)
 
 
-def make_schedule(schedule_cfg: dict, *, steps_per_epoch: int, total_steps: int) -> Callable[[int], float]:
+@dataclass(frozen=True)
+class Schedule:
+    """The learning-rate multiplier as a pure function of the optimizer step and the run's
+    length: `schedule(step, total_steps)`. The length is an argument because a time budget
+    (`trainer.max_time`) re-fits it while the run goes."""
+
+    fn: Callable[..., float]  # one of the functions above, its settings bound
+    warmup_steps: int
+
+    def __call__(self, step: int, total_steps: int) -> float:
+        return self.fn(step, total_steps=total_steps)
+
+
+def make_schedule(schedule_cfg: Mapping[str, Any], *, steps_per_epoch: int) -> Schedule:
     """Build a schedule from its config (`_target_` one of the functions above, with
     `_partial_: true`). Warmup is given in optimizer steps (`warmup_steps`) or, when that is
     null, in epochs (`warmup_epochs`, fractions allowed)."""
@@ -66,4 +83,10 @@ def make_schedule(schedule_cfg: dict, *, steps_per_epoch: int, total_steps: int)
         spec["warmup_steps"] = round(warmup_epochs * steps_per_epoch)
     if spec["warmup_steps"] < 0:
         raise ConfigError(f"scheduler warmup of {spec['warmup_steps']} steps must not be negative")
-    return instantiate(spec, total_steps=total_steps)
+    return Schedule(instantiate(spec), int(spec["warmup_steps"]))
+
+
+def set_lr(optimizer: torch.optim.Optimizer, base_lrs: Sequence[float], factor: float) -> None:
+    """Every parameter group's rate: its base rate (from the config) times the schedule's factor."""
+    for group, base in zip(optimizer.param_groups, base_lrs, strict=True):
+        group["lr"] = base * factor

@@ -1,0 +1,81 @@
+"""What the tests share: composing configs as the CLI does, running the CLI, a tiny model,
+reading a run's records back, and losses that inject faults through the loop's seam."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+from hydra import compose, initialize_config_dir
+from omegaconf import DictConfig, open_dict
+from torch import Tensor, nn
+
+from vitexp.config import conf_dir, register_experiments, register_resolvers
+
+REPO = Path(__file__).resolve().parent.parent
+SHARED_DATA = Path(os.environ.get("VITEXP_TEST_DATA", REPO.parent / "shared" / "data"))
+
+register_experiments()
+register_resolvers()
+
+# Small enough to train in a second or two on 2 CPU cores.
+TINY_MODEL = [
+    "model.hidden_size=32",
+    "model.mlp_dim=64",
+    "model.num_heads=2",
+    "model.num_layers=2",
+]
+
+
+def compose_cfg(overrides: list[str] | None = None, run_dir: Path | None = None) -> DictConfig:
+    """Compose `conf/config.yaml` with overrides, like `python -m vitexp` does."""
+    with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):
+        cfg = compose(config_name="config", overrides=list(overrides or []))
+    if run_dir is not None:
+        with open_dict(cfg):
+            cfg.run_dir = str(run_dir)
+    return cfg
+
+
+def run_cli(
+    *args: str, cwd: Path = REPO, env: dict | None = None, timeout: int = 300, module: str = "vitexp"
+) -> subprocess.CompletedProcess:
+    """Run `python -m MODULE ARGS` in a subprocess, as a user would."""
+    full_env = {**os.environ, "WANDB_MODE": "disabled", "HYDRA_FULL_ERROR": "0", **(env or {})}
+    full_env.pop("VITEXP_DEBUG", None)
+    return subprocess.run(
+        [sys.executable, "-m", module, *args],
+        cwd=cwd,
+        env=full_env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+def rows(run_dir: Path) -> list[dict]:
+    """The records of a run's metrics.jsonl."""
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+class NanAtStep(nn.Module):
+    """Cross-entropy whose `step`-th training loss (1-based) is NaN: passed as `train(...,
+    loss_fn=NanAtStep(5))`, so no test patches torch."""
+
+    def __init__(self, step: int, label_smoothing: float = 0.0) -> None:
+        super().__init__()
+        self.step, self.calls = step, 0
+        self.loss = nn.CrossEntropyLoss(label_smoothing=label_smoothing)
+
+    def forward(self, logits: Tensor, target: Tensor) -> Tensor:
+        self.calls += 1
+        loss = self.loss(logits, target)
+        return loss * float("nan") if self.calls == self.step else loss
+
+
+def state_dicts_equal(a: dict[str, Tensor], b: dict[str, Tensor]) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

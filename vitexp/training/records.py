@@ -1,0 +1,115 @@
+"""What a run leaves behind besides checkpoints: the loggers it feeds (metrics.jsonl, W&B),
+the figures drawn at its end, and `summary.json`."""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from vitexp.training.context import RunContext
+from vitexp.training.loggers import JsonlLogger, Loggers, git_state, write_json
+from vitexp.training.setup import Run, instantiate_group
+from vitexp.training.state import TrainState
+from vitexp.viz import has_attention_maps, sample_images, save_attention_grid
+
+log = logging.getLogger(__name__)
+
+
+def open_loggers(run: Run, ctx: RunContext, state: TrainState, *, resumed: bool) -> Loggers:
+    """metrics.jsonl always, plus every logger configured under `logger` (rank 0 only; the
+    other ranks get none). A resumed run drops the rows its checkpoint had not reached and
+    continues the same external runs."""
+    if not run.world.is_main:
+        return Loggers([])
+    resume_step = state.progress.global_step if resumed else None
+    loggers = Loggers([JsonlLogger(ctx.run_dir / "metrics.jsonl", keep_until_step=resume_step)])
+    for key, logger_cfg in (run.cfg.get("logger") or {}).items():
+        extra: dict[str, Any] = {
+            "run_dir": str(ctx.run_dir),
+            # The code version goes with the config: W&B shows it beside every hyperparameter.
+            "run_config": {**run.config, "git": git_state()},
+            "name": logger_cfg.get("name") or ctx.name,
+            "group": logger_cfg.get("group") or ctx.group,
+        }
+        if state.logger_ids.get(key):
+            extra["run_id"] = state.logger_ids[key]
+        # Not recursive: the run's config holds `_target_`s of its own that must stay data.
+        logger = instantiate_group(f"logger.{key}", logger_cfg, _recursive_=False, _convert_="all", **extra)
+        loggers.add(key, logger)
+    state.logger_ids = loggers.run_ids()
+    return loggers
+
+
+@torch.no_grad()
+def log_sample_predictions(run: Run, run_dir: Path, loggers: Loggers, step: int) -> None:
+    """A fixed handful of eval images (one per class first) with their predicted classes go to
+    the loggers; for models with attention maps, the same images' maps go to attention.png in
+    the run dir (and the loggers). A figure that fails warns: it never costs the run."""
+    model, classes = run.eval_model, run.data.classes
+    try:
+        images, labels = sample_images(run.eval_split, 8)
+        x = torch.cat([run.transform.eval(img[None].to(run.device)) for img in images])
+        model.eval()
+        predicted = model(x).argmax(dim=1).tolist()
+        samples = [
+            (img.cpu(), f"predicted {classes[p]} / true {classes[t]}")
+            for img, p, t in zip(images, predicted, labels.tolist(), strict=True)
+        ]
+        loggers.images("val/predictions", samples, step=step)
+        if has_attention_maps(model):
+            path = save_attention_grid(
+                model, images, run.transform, run_dir / "attention.png", classes, labels
+            )
+            loggers.images("val/attention", [(path, "attention rollout and last-layer heads")], step=step)
+    except Exception as e:  # a picture is not worth a failed run; the traceback goes to the log
+        log.warning("could not draw the sample predictions (%s: %s)", type(e).__name__, e, exc_info=True)
+
+
+def write_summary(
+    run: Run,
+    ctx: RunContext,
+    state: TrainState,
+    loggers: Loggers,
+    final: dict[str, float],
+    *,
+    started: float,
+    stopped_by: str,
+    resumed_from: Path | None,
+) -> dict[str, Any]:
+    """summary.json (rank 0), the loggers' summary, and the run's last log line."""
+    p, t = state.progress, run.cfg.trainer
+    images_per_sec = p.global_step * t.batch_size / max(p.train_seconds, 1e-9)
+    n_params = sum(param.numel() for param in run.model.parameters())
+    summary = {
+        "completed": True,
+        "best": {run.monitor: p.best_value, "epoch": p.best_epoch},
+        "final": final,
+        "eval_split": run.eval_name,
+        "epochs": p.epoch,
+        "stopped_by": stopped_by,
+        "steps": p.global_step,
+        "train_seconds": round(p.train_seconds, 2),
+        "wall_seconds": round(time.time() - started, 2),
+        "images_per_sec": round(images_per_sec, 1),
+        "params": n_params,
+        "device": str(run.device),
+        "world_size": run.world.size,
+        "precision": t.precision,
+        "ema_decay": t.get("ema_decay"),
+        "run_dir": str(ctx.run_dir),
+        "resumed_from": str(resumed_from) if resumed_from else None,
+        **git_state(),
+    }
+    if run.world.is_main:
+        write_json(ctx.run_dir / "summary.json", summary)
+    loggers.summary({f"best/{run.monitor}": p.best_value, **{f"final/{k}": v for k, v in final.items()}})
+    log.info(
+        "done: best %s %.4f (epoch %d), final %.4f | %.1f s training, %.0f images/s | %s",
+        run.monitor, p.best_value, p.best_epoch, final[run.monitor], p.train_seconds, images_per_sec,
+        ctx.run_dir,
+    )  # fmt: skip
+    return summary

@@ -1,0 +1,384 @@
+"""Build once what a config names: data, model, optimizer, schedule, and the pieces of one
+training step, held in an immutable `Run` bundle that the loop reads and never rebinds.
+
+The objects inside a `Run` have state (weights, optimizer moments, generator positions); that
+state is owned, saved and restored by `vitexp.training.state.TrainState`. What `Run` fixes is
+which objects the run uses.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import difflib
+import functools
+import logging
+import math
+import os
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from hydra.errors import InstantiationException
+from hydra.utils import get_object, instantiate
+from omegaconf import DictConfig, OmegaConf
+from torch import Tensor, nn
+from torch.nn.parallel import DistributedDataParallel
+
+from vitexp.data import BatchTransform, FileSplit, ImageData, Split, carve_validation, make_loader
+from vitexp.data.augment import RandAugment, TrivialAugment, mixup_cutmix
+from vitexp.data.loaders import DeviceLoader, FolderLoader
+from vitexp.errors import ConfigError, DataError, VitexpError
+from vitexp.models import build_model
+from vitexp.registry import HYDRA_KEYS, unknown_argument
+from vitexp.runtime import autocast_context, enable_tf32, pick_device, rank_seed, seed_everything, unwrap
+from vitexp.training import distributed
+from vitexp.training.checkpoint import first_line
+from vitexp.training.distributed import World
+from vitexp.training.ema import Ema
+from vitexp.training.optim import Schedule, make_schedule, param_groups
+
+log = logging.getLogger(__name__)
+
+LossFn = Callable[[Tensor, Tensor], Tensor]
+MONITORS = ("val/acc1", "val/acc5", "val/loss")
+
+
+# --------------------------------------------------------------------------- building from configs
+
+
+def _check_arguments(what: str, node: Mapping[str, Any]) -> None:
+    """An argument the target does not take is the user's typo, not a TypeError to trace."""
+    target = node.get("_target_")
+    if not isinstance(target, str):
+        return
+    try:
+        fn = get_object(target)
+    except (ImportError, AttributeError, ValueError) as e:
+        raise ConfigError(f"{what}._target_={target} cannot be imported ({first_line(e)})") from e
+    problem = unknown_argument(fn, [k for k in node if k not in HYDRA_KEYS])
+    if problem is not None:
+        key, names = problem
+        close = difflib.get_close_matches(key, names, n=1)
+        hint = f"; did you mean {what}.{close[0]}?" if close else f" (it takes {', '.join(names)})"
+        raise ConfigError(f"{what}.{key} is not an argument of {target.rsplit('.', 1)[-1]}{hint}")
+
+
+def instantiate_group(key: str, node: Any, *args: Any, label: str | None = None, **kwargs: Any) -> Any:
+    """Hydra's `instantiate` for the config at `key`: a vitexp error raised while building is
+    reported as one line starting with `label` (default: `key`); any other exception is a bug
+    and keeps its traceback."""
+    if isinstance(node, DictConfig | Mapping):
+        _check_arguments(key, node)
+    try:
+        return instantiate(node, *args, **kwargs)
+    except InstantiationException as e:
+        cause = e.__cause__
+        if isinstance(cause, ConfigError | DataError):
+            raise type(cause)(f"{label or key}: {cause}") from cause
+        raise
+
+
+def build_transform(cfg: DictConfig, img_size: tuple[int, int]) -> BatchTransform:
+    """The dataset's augmentation at the model's resolution, with an optional RandAugment or
+    TrivialAugment policy (`dataset.augment.randaugment: {num_ops, magnitude}` or
+    `dataset.augment.trivialaugment: true`), all applied batched on the device."""
+    augment = OmegaConf.to_container(cfg.dataset.augment)
+    assert isinstance(augment, dict)
+    randaugment, trivial = augment.pop("randaugment", None), augment.pop("trivialaugment", False)
+    if randaugment and trivial:
+        raise ConfigError("dataset.augment: choose randaugment or trivialaugment, not both")
+    policy = RandAugment(**randaugment) if randaugment else TrivialAugment() if trivial else None
+    try:
+        return BatchTransform(
+            img_size=img_size,
+            mean=list(cfg.dataset.mean),
+            std=list(cfg.dataset.std),
+            policy=policy,
+            **augment,
+        )
+    except ConfigError as e:
+        raise ConfigError(f"dataset.augment: {e}") from e
+
+
+def check_settings(cfg: DictConfig) -> None:
+    """Reject values that cannot work before anything is built."""
+    missing = sorted(OmegaConf.missing_keys(cfg))
+    if missing:
+        raise ConfigError(f"{missing[0]} is required here (marked ???): add {missing[0]}=... to the command")
+    if cfg.model.get("pretrained") == "required":
+        raise ConfigError(
+            "this preset fine-tunes pretrained weights: add model.pretrained=PATH (e.g. ViT-B_16.npz)"
+        )
+    t = cfg.trainer
+    positive = {
+        "trainer.batch_size": t.batch_size,
+        "trainer.eval_batch_size": t.eval_batch_size,
+        "trainer.grad_accum_steps": t.grad_accum_steps,
+        "trainer.log_every_steps": t.log_every_steps,
+        "optimizer.lr": cfg.optimizer.get("lr"),
+        "trainer.max_epochs": t.max_epochs,
+    }
+    if t.max_steps is not None:
+        positive["trainer.max_steps"] = t.max_steps
+    for key, value in positive.items():
+        if value is None or value <= 0:
+            raise ConfigError(f"{key}={value} must be positive")
+    if t.batch_size % t.grad_accum_steps:
+        raise ConfigError(
+            f"trainer.batch_size={t.batch_size} is not divisible by trainer.grad_accum_steps="
+            f"{t.grad_accum_steps}; the global batch is split evenly into micro-batches"
+        )
+    if (cfg.optimizer.get("weight_decay") or 0) < 0:
+        raise ConfigError(f"optimizer.weight_decay={cfg.optimizer.weight_decay} must not be negative")
+    if t.get("ema_decay") is not None and not 0 < t.ema_decay < 1:
+        raise ConfigError(
+            f"trainer.ema_decay={t.ema_decay} must be between 0 and 1 (e.g. 0.999), or null for no EMA"
+        )
+    if t.monitor not in MONITORS:
+        raise ConfigError(f"trainer.monitor={t.monitor!r} is not one of {', '.join(MONITORS)}")
+    if t.on_nonfinite not in ("stop", "skip"):
+        raise ConfigError(f"trainer.on_nonfinite={t.on_nonfinite!r} must be stop or skip")
+
+
+# --------------------------------------------------------------------------- the bundle
+
+
+@dataclass(frozen=True)
+class Step:
+    """What one optimizer step needs (`vitexp.training.loop.train_step`): built once. Benchmarks
+    build one around other models to time exactly the step vitexp trains with."""
+
+    forward: nn.Module  # the module called on a batch: possibly DDP- and/or compile-wrapped
+    model: nn.Module  # the plain module under the wrappers: clipped, averaged, saved
+    optimizer: torch.optim.Optimizer
+    loss_fn: LossFn
+    autocast: contextlib.AbstractContextManager
+    scaler: torch.amp.GradScaler
+    grad_accum_steps: int = 1
+    grad_clip: float | None = None
+    ema: Ema | None = None
+    mix: Callable[[Tensor, Tensor], tuple[Tensor, Tensor]] | None = None  # mixup/cutmix on a batch
+    skip_nonfinite: bool = False
+    world: World = distributed.SINGLE_PROCESS
+
+
+@dataclass(frozen=True)
+class Run:
+    """Everything the config built, once."""
+
+    cfg: DictConfig
+    config: dict[str, Any]  # the resolved config, as checkpoints and loggers store it
+    world: World
+    device: torch.device
+    data: ImageData
+    train_split: Split | FileSplit
+    eval_split: Split | FileSplit
+    eval_name: str  # "test", or "val" with dataset.val_split
+    transform: BatchTransform
+    train_loader: DeviceLoader | FolderLoader
+    eval_loader: DeviceLoader | FolderLoader
+    data_generator: torch.Generator  # the shared epoch order (and, in one process, augmentation)
+    augment_generator: torch.Generator  # this rank's augmentation and mixing draws
+    step: Step
+    eval_model: nn.Module  # the EMA's average when there is one, else the model
+    schedule: Schedule
+    base_lrs: tuple[float, ...]  # each parameter group's rate before the schedule's factor
+    steps_per_epoch: int
+    total_steps: int  # from max_steps or max_epochs; a time budget may shorten it while training
+    monitor: str
+    maximize: bool
+
+    @property
+    def model(self) -> nn.Module:
+        return self.step.model
+
+
+def _load_data(cfg: DictConfig) -> tuple[ImageData, Split | FileSplit, Split | FileSplit, str]:
+    data: ImageData = instantiate_group("dataset.load", cfg.dataset.load, label="dataset")
+    if cfg.model.get("num_classes") != data.num_classes:
+        raise ConfigError(
+            f"model.num_classes={cfg.model.get('num_classes')} but the dataset has {data.num_classes} "
+            f"classes; set model.num_classes={data.num_classes}"
+        )
+    train_split, eval_split, eval_name = data.train, data.test, "test"
+    if cfg.dataset.get("val_split"):
+        train_split, eval_split = carve_validation(
+            data.train, float(cfg.dataset.val_split), seed=int(cfg.seed)
+        )
+        eval_name = "val"
+    if cfg.trainer.batch_size > len(train_split):
+        raise ConfigError(
+            f"trainer.batch_size={cfg.trainer.batch_size} is larger than the training set "
+            f"({len(train_split)} images); lower trainer.batch_size"
+        )
+    return data, train_split, eval_split, eval_name
+
+
+def _build_model(cfg: DictConfig, device: torch.device, *, resuming: bool) -> nn.Module:
+    # A resumed run's checkpoint replaces the pretrained weights: do not read them.
+    try:
+        return build_model(cfg.model, load_pretrained=not resuming).to(device)
+    except InstantiationException as e:
+        if isinstance(e.__cause__, ConfigError | DataError):
+            raise type(e.__cause__)(f"model: {e.__cause__}") from e.__cause__
+        raise
+    except VitexpError as e:
+        raise type(e)(f"model: {e}") from e
+
+
+def _loaders(
+    cfg: DictConfig,
+    world: World,
+    device: torch.device,
+    transform: BatchTransform,
+    splits: tuple[Split | FileSplit, Split | FileSplit],
+) -> tuple[DeviceLoader | FolderLoader, DeviceLoader | FolderLoader, torch.Generator, torch.Generator]:
+    """The train and eval loaders, and the generators the training batches draw from."""
+    t, seed = cfg.trainer, int(cfg.seed)
+    # Shuffling and augmentation draw from these generators only, so the seed (or a
+    # checkpoint's copy of their states) decides every batch. Data-parallel ranks share the
+    # shuffle (the same seed) but each augments its shard from a stream of its own.
+    data_generator = torch.Generator(device=device).manual_seed(seed)
+    augment_generator = data_generator
+    if world.distributed:
+        augment_generator = torch.Generator(device=device).manual_seed(rank_seed(seed, world.rank, 1))
+    num_workers = cfg.dataset.get("num_workers")
+    common: dict[str, Any] = {
+        "transform": transform,
+        "device": device,
+        "num_workers": min(4, os.cpu_count() or 1) if num_workers is None else int(num_workers),
+        "rank": world.rank,
+        "world_size": world.size,
+    }
+    train_loader = make_loader(
+        splits[0],
+        batch_size=t.batch_size // (world.size * t.grad_accum_steps),
+        train=True,
+        generator=data_generator,
+        augment_generator=augment_generator,
+        **common,
+    )
+    eval_loader = make_loader(splits[1], batch_size=t.eval_batch_size, train=False, **common)
+    return train_loader, eval_loader, data_generator, augment_generator
+
+
+def _schedule(cfg: DictConfig, steps_per_epoch: int, total_steps: int) -> Schedule:
+    scheduler_cfg = OmegaConf.to_container(cfg.scheduler)
+    assert isinstance(scheduler_cfg, dict)
+    _check_arguments("scheduler", {k: v for k, v in scheduler_cfg.items() if k != "warmup_epochs"})
+    schedule = make_schedule(scheduler_cfg, steps_per_epoch=steps_per_epoch)
+    if schedule.warmup_steps > total_steps:
+        log.warning(
+            "the warmup (%d steps) is longer than the run (%d steps): the learning rate never reaches "
+            "optimizer.lr", schedule.warmup_steps, total_steps,
+        )  # fmt: skip
+    return schedule
+
+
+def _step(
+    cfg: DictConfig,
+    world: World,
+    model: nn.Module,
+    autocast: contextlib.AbstractContextManager,
+    *,
+    num_classes: int,
+    augment_generator: torch.Generator,
+    resuming: bool,
+    loss_fn: LossFn | None,
+) -> Step:
+    """The optimizer, the wrappers, the loss and the EMA: what one training step uses."""
+    t, device = cfg.trainer, next(model.parameters()).device
+    # No weight decay on norms, biases and embeddings; the rate is set from the schedule
+    # before every step.
+    make_optimizer = instantiate_group("optimizer", cfg.optimizer)  # a partial: `_partial_: true`
+    optimizer = make_optimizer(param_groups(model, float(cfg.optimizer.get("weight_decay") or 0)))
+    # EMA of the weights: it is the model that is evaluated, picks best.pt and is used for inference.
+    ema = Ema(model, float(t.ema_decay)) if t.get("ema_decay") else None
+    if world.distributed and not resuming:
+        # Same initial weights on every rank (the common seed), different dropout masks.
+        torch.manual_seed(rank_seed(int(cfg.seed), world.rank, 2))
+    forward: nn.Module = model
+    if world.distributed:
+        forward = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    if t.compile:
+        forward = torch.compile(forward)  # type: ignore[assignment]
+    mix = None
+    if t.mixup_alpha or t.cutmix_alpha:
+        mix = functools.partial(
+            mixup_cutmix, num_classes=num_classes, mixup_alpha=float(t.mixup_alpha),
+            cutmix_alpha=float(t.cutmix_alpha), generator=augment_generator,
+        )  # fmt: skip
+    return Step(
+        forward=forward,
+        model=model,
+        optimizer=optimizer,
+        loss_fn=loss_fn or nn.CrossEntropyLoss(label_smoothing=float(t.label_smoothing)),
+        autocast=autocast,
+        scaler=torch.amp.GradScaler(device.type, enabled=t.precision == "fp16"),
+        grad_accum_steps=int(t.grad_accum_steps),
+        grad_clip=float(t.grad_clip) if t.grad_clip else None,
+        ema=ema,
+        mix=mix,
+        skip_nonfinite=t.on_nonfinite == "skip",
+        world=world,
+    )
+
+
+def build(cfg: DictConfig, world: World, *, resuming: bool = False, loss_fn: LossFn | None = None) -> Run:
+    """Build the run `cfg` describes for this process of `world`. `resuming`: a checkpoint
+    will replace the initial weights (pretrained ones are then not read); `loss_fn` replaces
+    the configured cross-entropy (tests use it to inject faults without patching torch)."""
+    t = cfg.trainer
+    if t.batch_size % (world.size * t.grad_accum_steps):
+        raise ConfigError(
+            f"trainer.batch_size={t.batch_size} does not split evenly over {world.size} processes × "
+            f"{t.grad_accum_steps} accumulation steps; use a multiple of {world.size * t.grad_accum_steps}"
+        )
+    # The seed decides the initial weights: seeded before the model draws them.
+    seed_everything(int(cfg.seed))
+    device = distributed.device_for(world, str(pick_device(str(t.device), "trainer.device")))
+    autocast = autocast_context(device, str(t.precision), "trainer.precision")
+    enable_tf32(device)
+    data, train_split, eval_split, eval_name = _load_data(cfg)
+    model = _build_model(cfg, device, resuming=resuming)
+    transform = build_transform(cfg, unwrap(model).img_size)
+    train_loader, eval_loader, data_generator, augment_generator = _loaders(
+        cfg, world, device, transform, (train_split, eval_split)
+    )
+    step = _step(
+        cfg, world, model, autocast, num_classes=data.num_classes, augment_generator=augment_generator,
+        resuming=resuming, loss_fn=loss_fn,
+    )  # fmt: skip
+    steps_per_epoch = len(train_loader) // step.grad_accum_steps
+    total_steps = int(t.max_steps) if t.max_steps is not None else int(t.max_epochs) * steps_per_epoch
+    config = OmegaConf.to_container(cfg, resolve=True)
+    assert isinstance(config, dict)
+    monitor = str(t.monitor)
+    return Run(
+        cfg=cfg,
+        config=config,
+        world=world,
+        device=device,
+        data=data,
+        train_split=train_split,
+        eval_split=eval_split,
+        eval_name=eval_name,
+        transform=transform,
+        train_loader=train_loader,
+        eval_loader=eval_loader,
+        data_generator=data_generator,
+        augment_generator=augment_generator,
+        step=step,
+        eval_model=step.ema.module if step.ema is not None else model,
+        schedule=_schedule(cfg, steps_per_epoch, total_steps),
+        base_lrs=tuple(float(g["lr"]) for g in step.optimizer.param_groups),
+        steps_per_epoch=steps_per_epoch,
+        total_steps=total_steps,
+        monitor=monitor,
+        maximize=not monitor.endswith("loss"),
+    )
+
+
+def max_epochs(run: Run, total_steps: int) -> int:
+    return math.ceil(total_steps / run.steps_per_epoch)
