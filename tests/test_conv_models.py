@@ -28,8 +28,8 @@ from tests.test_convert import _npz_arrays
 from vitexp.config import conf_dir
 from vitexp.errors import ConfigError
 from vitexp.models import CCT, CvT, HybridVisionTransformer, VisionTransformer, build_model
+from vitexp.models.weights import load_pretrained
 from vitexp.models.weights.conv import convert_hf_cvt, convert_timm_hybrid
-from vitexp.models.weights.vit import load_pretrained
 from vitexp.training.optim import param_groups
 
 VIT_TARGET = "vitexp.models.VisionTransformer"
@@ -425,7 +425,7 @@ def test_cct_position_embedding_options():
     free = _tiny_cct(position_embedding="none").eval()
     assert free(_images(32)).shape == (2, 7)  # no table: any size works
     assert _tiny_cct().no_weight_decay() == {"embeddings.position_embeddings"} and not free.no_weight_decay()
-    with pytest.raises(ConfigError, match=r"built for \(16, 16\)"):
+    with pytest.raises(ValueError, match=r"built for \(16, 16\)"):
         _tiny_cct()(_images(32))
 
 

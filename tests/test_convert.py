@@ -1,4 +1,4 @@
-"""Importing foreign ViT weights (vitexp.models.weights.vit).
+"""Importing foreign ViT weights (vitexp.models.weights and its converters in weights.vit).
 
 Every format is checked end to end: a reference model with random weights (timm, Hugging Face
 transformers, an `.npz` in the official JAX key layout, an article-style checkpoint) is written
@@ -19,19 +19,11 @@ import torch
 from omegaconf import OmegaConf
 from torch import Tensor, nn
 
-from vitexp.errors import ConfigError
+from vitexp.errors import ConfigError, DataError
 from vitexp.models import build_model
 from vitexp.models.vit import VisionTransformer
-from vitexp.models.weights.vit import (
-    CONVERTERS,
-    FORMATS,
-    convert_timm,
-    detect_format,
-    load_converted,
-    load_pretrained,
-    read_weights,
-    resample_position_embeddings,
-)
+from vitexp.models.weights import load_converted, load_pretrained, read_weights, resample_position_embeddings
+from vitexp.models.weights.vit import CONVERTERS, FORMATS, convert_timm, detect_format
 
 CONF = Path(__file__).resolve().parents[1] / "conf" / "model"
 
@@ -467,7 +459,7 @@ def test_head_for_other_classes_is_replaced(tmp_path: Path, caplog: pytest.LogCa
     torch.save(source.state_dict(), tmp_path / "in1k.pth")
     ours = _ours(num_classes=CLASSES)
     fresh_head = {key: value.clone() for key, value in ours.head.state_dict().items()}
-    caplog.set_level(logging.INFO, logger="vitexp.models.weights.vit")
+    caplog.set_level(logging.INFO, logger="vitexp.models.weights")
     load_pretrained(ours, tmp_path / "in1k.pth")
     for key, value in ours.head.state_dict().items():
         assert torch.equal(value, fresh_head[key])
@@ -516,7 +508,7 @@ def test_rgb_weights_for_grayscale_model(timm_model: nn.Module) -> None:
 # --- mismatches are one-line errors ------------------------------------------------------------
 
 
-def _one_line(error: pytest.ExceptionInfo[ConfigError]) -> str:
+def _one_line(error: pytest.ExceptionInfo[ConfigError] | pytest.ExceptionInfo[DataError]) -> str:
     message = str(error.value)
     assert "\n" not in message
     return message
@@ -596,7 +588,7 @@ def test_pickle_that_runs_code_is_refused_unexecuted(tmp_path: Path) -> None:
         {"embeddings.patch_embeddings.weight": torch.zeros(1), "x": _TouchWhenUnpickled(tmp_path / "pwned")},
         path,
     )
-    with pytest.raises(ConfigError, match="refused") as error:
+    with pytest.raises(DataError, match="refused") as error:
         load_pretrained(_ours(), path)
     assert str(path) in _one_line(error)
     assert not (tmp_path / "pwned").exists()
@@ -608,12 +600,12 @@ def test_pickle_that_runs_code_is_refused_unexecuted(tmp_path: Path) -> None:
 
 def test_npz_with_pickled_objects_is_refused(tmp_path: Path) -> None:
     np.savez(tmp_path / "objects.npz", embedding=np.array([{"a": 1}], dtype=object))
-    with pytest.raises(ConfigError, match="refused"):
+    with pytest.raises(DataError, match="refused"):
         read_weights(tmp_path / "objects.npz")
 
 
 @pytest.mark.parametrize("suffix", [".pth", ".npz", ".safetensors"])
-def test_truncated_file_is_a_config_error(timm_model: nn.Module, tmp_path: Path, suffix: str) -> None:
+def test_truncated_file_is_a_data_error(timm_model: nn.Module, tmp_path: Path, suffix: str) -> None:
     full = tmp_path / f"full{suffix}"
     state_dict = {key: value.contiguous() for key, value in timm_model.state_dict().items()}
     if suffix == ".npz":
@@ -628,22 +620,24 @@ def test_truncated_file_is_a_config_error(timm_model: nn.Module, tmp_path: Path,
     data = full.read_bytes()
     truncated = tmp_path / f"truncated{suffix}"
     truncated.write_bytes(data[: len(data) // 2])
-    with pytest.raises(ConfigError) as error:
+    with pytest.raises(DataError) as error:
         load_pretrained(_ours(), truncated)
     assert str(truncated) in _one_line(error)
 
 
 def test_missing_garbage_and_non_state_dict_files(tmp_path: Path) -> None:
-    with pytest.raises(ConfigError, match="does not exist") as error:
+    with pytest.raises(DataError, match="does not exist") as error:
         read_weights(tmp_path / "nope.npz")
     assert str(tmp_path / "nope.npz") in _one_line(error)
     (tmp_path / "garbage.bin").write_bytes(b"not a checkpoint at all" * 10)
-    with pytest.raises(ConfigError, match="damaged or truncated"):
+    with pytest.raises(DataError, match="damaged or truncated") as error:
         read_weights(tmp_path / "garbage.bin")
+    assert str(tmp_path / "garbage.bin") in _one_line(error)
     torch.save([1, 2, 3], tmp_path / "list.pth")
-    with pytest.raises(ConfigError, match="holds no state dict"):
+    with pytest.raises(DataError, match="holds no state dict") as error:
         read_weights(tmp_path / "list.pth")
-    with pytest.raises(ConfigError, match="holds neither"):
+    assert str(tmp_path / "list.pth") in _one_line(error)
+    with pytest.raises(DataError, match="holds neither"):
         read_weights(tmp_path)
 
 

@@ -24,7 +24,7 @@ from torch import Tensor, nn
 from vitexp.data import BatchTransform, FileSplit, ImageData, Split
 from vitexp.data.transforms import eval_batches
 from vitexp.errors import ConfigError
-from vitexp.models import build_model
+from vitexp.models import build_stored_model
 from vitexp.runtime import pick_device
 from vitexp.training.checkpoint import read_training_checkpoint
 
@@ -132,11 +132,10 @@ def load_trained(checkpoint: str | Path, device: str | torch.device = "cpu") -> 
             f"{path} is not a vitexp training checkpoint (it has no stored config and model weights); "
             f"use last.pt or best.pt from a run directory"
         )
-    # The stored config may name the pretrained weights the run started from; the
-    # checkpoint's own weights replace them, so that file is not read (and need not exist).
-    model = build_model(config["model"], load_pretrained=False)
-    if not (hasattr(model, "img_size") and hasattr(model, "num_classes")):
-        raise ConfigError(f"{path}: its model config builds a {type(model).__name__}, not a vitexp model")
+    # Whoever made the file chose its stored config: it is built only through the allow-list of
+    # vitexp's model classes, never by Hydra's instantiate. Its `pretrained` weights are not read
+    # (the checkpoint's own replace them; the file need not exist).
+    model = build_stored_model(config["model"], source=str(path))
     # A run with trainer.ema_decay evaluated (and chose best.pt by) its weight average: use it.
     weights = ckpt["ema"] if ckpt.get("ema") is not None else ckpt["model"]
     try:

@@ -29,7 +29,14 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from vitexp.errors import ConfigError
-from vitexp.models.vit import Encoder, _pair
+from vitexp.models.checks import (
+    check_choice,
+    check_encoder_arguments,
+    check_non_negative,
+    check_positive,
+    image_size,
+)
+from vitexp.models.vit import Encoder
 
 __all__ = ["CCT", "CCTEmbeddings", "ConvTokenizer", "sinusoidal_position_embeddings"]
 
@@ -116,12 +123,19 @@ class CCTEmbeddings(nn.Module):
         dropout_rate: float = 0.0,
     ) -> None:
         super().__init__()
-        if position_embedding not in ("learnable", "sine", "none"):
-            raise ConfigError(
-                f"position_embedding={position_embedding!r} is not one of 'learnable', 'sine', 'none'"
-            )
-        if conv_layers < 1:
-            raise ConfigError(f"conv_layers={conv_layers} must be positive")
+        check_choice("position_embedding", position_embedding, ("learnable", "sine", "none"))
+        for name, value in (
+            ("in_channels", in_channels),
+            ("conv_layers", conv_layers),
+            ("conv_channels", conv_channels),
+            ("conv_kernel_size", conv_kernel_size),
+            ("conv_stride", conv_stride),
+            ("pool_kernel_size", pool_kernel_size),
+            ("pool_stride", pool_stride),
+        ):
+            check_positive(name, value)
+        check_non_negative("conv_padding", conv_padding)
+        check_non_negative("pool_padding", pool_padding)
         self.tokenizer = ConvTokenizer(
             in_channels=in_channels,
             out_channels=hidden_size,
@@ -134,7 +148,7 @@ class CCTEmbeddings(nn.Module):
             pool_stride=pool_stride,
             pool_padding=pool_padding,
         )
-        height, width = _pair(img_size)
+        height, width = image_size(img_size)
         stride = self.tokenizer.stride
         grid = (self.tokenizer.output_size(height), self.tokenizer.output_size(width))
         # With the image a multiple of the tokenizer's stride every token sees a full window and
@@ -168,7 +182,8 @@ class CCTEmbeddings(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         if self.position_embeddings is not None and tuple(x.shape[-2:]) != self.img_size:
-            raise ConfigError(
+            # The caller's to get right (the data pipeline resizes to model.img_size), not a setting.
+            raise ValueError(
                 f"input images are {tuple(x.shape[-2:])} but the model was built for {self.img_size}: "
                 f"resize the inputs or set img_size"
             )
@@ -215,9 +230,19 @@ class CCT(nn.Module):
         locality_attention: bool = False,
     ) -> None:
         super().__init__()
-        for name, value in (("hidden_size", hidden_size), ("num_heads", num_heads), ("mlp_dim", mlp_dim)):
-            if value <= 0:
-                raise ConfigError(f"{name}={value} must be positive")
+        image_size(img_size)
+        check_non_negative("num_classes", num_classes)
+        check_encoder_arguments(
+            hidden_size=hidden_size,
+            mlp_dim=mlp_dim,
+            num_heads=num_heads,
+            num_layers=num_layers,
+            dropout_rate=dropout_rate,
+            attention_dropout_rate=attention_dropout_rate,
+            drop_path_rate=drop_path_rate,
+            layer_scale_init=layer_scale_init,
+            norm_eps=norm_eps,
+        )
         self.num_classes = num_classes
         self.hidden_size = hidden_size
         self.embeddings = CCTEmbeddings(
@@ -316,9 +341,4 @@ class CCT(nn.Module):
         """Attention probabilities of every layer for input `x`: a list of `num_layers` tensors
         shaped (B, heads, tokens, tokens) whose rows sum to 1 (no class token: tokens are the
         tokenizer's grid, row-major)."""
-        maps = []
-        h = self.embeddings(x)
-        for block in self.encoder.layer:
-            maps.append(block.attn.attention_weights(block.attention_norm(h)))
-            h = block(h)
-        return maps
+        return self.encoder.attention_maps(self.embeddings(x))

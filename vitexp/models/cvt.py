@@ -23,14 +23,23 @@ with this module's `ConvAttention` in place of the fused-qkv attention. State-di
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from vitexp.errors import ConfigError
-from vitexp.models.vit import Block, _pair
+from vitexp.models.checks import (
+    check_non_negative,
+    check_norm_eps,
+    check_positive,
+    check_positive_number,
+    check_rate,
+    image_size,
+)
+from vitexp.models.vit import Block
 
 __all__ = ["ConvAttention", "ConvEmbeddings", "ConvProjection", "CvT", "CvTBlock", "CvTStage"]
 
@@ -278,11 +287,50 @@ class CvTStage(nn.Module):
         return image, (cls if prefix else None)
 
 
-def _per_stage(name: str, value: object, stages: int) -> list:
-    values = list(value) if isinstance(value, Sequence) and not isinstance(value, str) else [value] * stages
+Check = Callable[[str, Any], Any]
+
+
+def _per_stage(name: str, value: object, stages: int, check: Check) -> list:
+    """One checked value per stage: `value` is a list with one entry per stage, or one for all."""
+    listed = isinstance(value, Sequence) and not isinstance(value, str)
+    values = list(value) if listed else [value] * stages
     if len(values) != stages:
         raise ConfigError(f"{name}={values} has {len(values)} entries but the model has {stages} stages")
-    return values
+    return [check(f"{name}[{index}]" if listed else name, v) for index, v in enumerate(values)]
+
+
+def _stage_settings(num_layers: Sequence[int], **settings: tuple[Any, Check]) -> dict[str, list]:
+    """Each per-stage setting (value, check) as its checked list, and `num_layers` too: the
+    number of stages is its length."""
+    if isinstance(num_layers, str) or not isinstance(num_layers, Sequence) or len(num_layers) < 1:
+        raise ConfigError(
+            f"num_layers={num_layers!r} must list the layers of each stage (at least one), e.g. [1, 2, 10]"
+        )
+    stages = len(num_layers)
+    checked = {"num_layers": _per_stage("num_layers", num_layers, stages, check_positive)}
+    return checked | {
+        name: _per_stage(name, value, stages, check) for name, (value, check) in settings.items()
+    }
+
+
+def _token_grid(
+    img_size: int | tuple[int, int], kernels: list[int], strides: list[int], paddings: list[int]
+) -> tuple[tuple[int, int], tuple[int, int]]:
+    """The image size as (height, width) and the last stage's token grid; ConfigError unless the
+    image is a multiple of the stages' total stride."""
+    height, width = image_size(img_size)
+    stride = math.prod(strides)
+    grid = (height, width)
+    for kernel, step, padding in zip(kernels, strides, paddings, strict=True):
+        grid = (_conv_out(grid[0], kernel, step, padding), _conv_out(grid[1], kernel, step, padding))
+    if height % stride or width % stride or min(grid) < 1:
+        shown = height if height == width else (height, width)
+        raise ConfigError(
+            f"img_size={shown} is not divisible by {stride}, the total stride of the convolutional "
+            f"token embeddings (patch_stride={strides}): use an image size that is a multiple of "
+            f"{stride} (e.g. {max(stride, height // stride * stride)})"
+        )
+    return (height, width), grid
 
 
 class CvT(nn.Module):
@@ -323,45 +371,50 @@ class CvT(nn.Module):
         norm_eps: float = 1e-5,
     ) -> None:
         super().__init__()
-        stages = len(num_layers)
-        if stages < 1:
-            raise ConfigError("num_layers must list at least one stage, e.g. [1, 2, 10]")
-        widths = _per_stage("hidden_size", hidden_size, stages)
-        heads = _per_stage("num_heads", num_heads, stages)
-        ratios = _per_stage("mlp_ratio", mlp_ratio, stages)
-        kernels = _per_stage("patch_size", patch_size, stages)
-        strides = _per_stage("patch_stride", patch_stride, stages)
-        paddings = _per_stage("patch_padding", patch_padding, stages)
-        rates = _per_stage("drop_path_rate", drop_path_rate, stages)
-        for name, values in (("hidden_size", widths), ("num_heads", heads), ("patch_stride", strides)):
-            if any(int(v) <= 0 for v in values):
-                raise ConfigError(f"{name}={values} must be positive")
-        height, width = _pair(img_size)
-        stride = math.prod(int(s) for s in strides)
-        grid = (height, width)
-        for kernel, step, padding in zip(kernels, strides, paddings, strict=True):
-            grid = (_conv_out(grid[0], kernel, step, padding), _conv_out(grid[1], kernel, step, padding))
-        if height % stride or width % stride or min(grid) < 1:
-            shown = height if height == width else (height, width)
-            raise ConfigError(
-                f"img_size={shown} is not divisible by {stride}, the total stride of the convolutional "
-                f"token embeddings (patch_stride={strides}): use an image size that is a multiple of "
-                f"{stride} (e.g. {max(stride, height // stride * stride)})"
-            )
+        stage = _stage_settings(
+            num_layers,
+            hidden_size=(hidden_size, check_positive),
+            num_heads=(num_heads, check_positive),
+            mlp_ratio=(mlp_ratio, check_positive_number),
+            patch_size=(patch_size, check_positive),
+            patch_stride=(patch_stride, check_positive),
+            patch_padding=(patch_padding, check_non_negative),
+            drop_path_rate=(drop_path_rate, check_rate),
+        )
+        for name, value in (
+            ("in_channels", in_channels),
+            ("kernel_size", kernel_size),
+            ("stride_q", stride_q),
+            ("stride_kv", stride_kv),
+        ):
+            check_positive(name, value)
+        for name, value in (
+            ("num_classes", num_classes),
+            ("padding_q", padding_q),
+            ("padding_kv", padding_kv),
+        ):
+            check_non_negative(name, value)
+        check_rate("dropout_rate", dropout_rate)
+        check_rate("attention_dropout_rate", attention_dropout_rate)
+        check_norm_eps(norm_eps)
+        (height, width), grid = _token_grid(
+            img_size, stage["patch_size"], stage["patch_stride"], stage["patch_padding"]
+        )
+        stages, widths = len(stage["num_layers"]), stage["hidden_size"]
         self._img_size = (height, width)
         self.num_classes = num_classes
-        self.hidden_size = int(widths[-1])
+        self.hidden_size = widths[-1]
         self.grid_size = grid
         self.stages = nn.ModuleList(
             CvTStage(
                 in_channels=in_channels if index == 0 else int(widths[index - 1]),
-                hidden_size=int(widths[index]),
-                num_heads=int(heads[index]),
-                num_layers=int(num_layers[index]),
-                mlp_ratio=float(ratios[index]),
-                patch_size=int(kernels[index]),
-                patch_stride=int(strides[index]),
-                patch_padding=int(paddings[index]),
+                hidden_size=widths[index],
+                num_heads=stage["num_heads"][index],
+                num_layers=stage["num_layers"][index],
+                mlp_ratio=stage["mlp_ratio"][index],
+                patch_size=stage["patch_size"][index],
+                patch_stride=stage["patch_stride"][index],
+                patch_padding=stage["patch_padding"][index],
                 class_token=class_token and index == stages - 1,
                 qkv_bias=qkv_bias,
                 kernel_size=kernel_size,
@@ -371,7 +424,7 @@ class CvT(nn.Module):
                 padding_kv=padding_kv,
                 dropout_rate=dropout_rate,
                 attention_dropout_rate=attention_dropout_rate,
-                drop_path_rate=float(rates[index]),
+                drop_path_rate=stage["drop_path_rate"][index],
                 norm_eps=norm_eps,
             )
             for index in range(stages)

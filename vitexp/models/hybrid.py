@@ -30,7 +30,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from vitexp.errors import ConfigError
-from vitexp.models.vit import VisionTransformer, _pair
+from vitexp.models.checks import image_size
+from vitexp.models.vit import VisionTransformer
 
 __all__ = ["HybridEmbeddings", "HybridVisionTransformer", "ResNetBackbone", "ResidualUnit", "StdConv2d"]
 
@@ -80,7 +81,8 @@ class MaxPool2dSame(nn.MaxPool2d):
         super().__init__(kernel_size, stride)
 
     def forward(self, x: Tensor) -> Tensor:
-        x = _pad_same(x, _pair(self.kernel_size), _pair(self.stride), value=-math.inf)
+        kernel, stride = int(self.kernel_size), int(self.stride)  # type: ignore[arg-type]
+        x = _pad_same(x, (kernel, kernel), (stride, stride), value=-math.inf)
         return F.max_pool2d(x, self.kernel_size, self.stride)
 
 
@@ -184,10 +186,10 @@ class HybridEmbeddings(nn.Module):
         resnet_width_factor: int = 1,
     ) -> None:
         super().__init__()
-        height, width = _pair(img_size)
+        height, width = image_size(img_size)
         backbone_stride = ResNetBackbone.stride_of(resnet_layers)
         stride = backbone_stride * patch_size
-        if height % stride or width % stride or height <= 0 or width <= 0:
+        if height % stride or width % stride:
             shown = height if height == width else (height, width)
             raise ConfigError(
                 f"img_size={shown} is not divisible by {stride}, the stride of the ResNet stem "
@@ -214,7 +216,7 @@ class HybridEmbeddings(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         if tuple(x.shape[-2:]) != self.img_size:
-            raise ConfigError(
+            raise ValueError(
                 f"input images are {tuple(x.shape[-2:])} but the model was built for {self.img_size}: "
                 f"resize the inputs or set img_size"
             )

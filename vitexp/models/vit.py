@@ -19,13 +19,44 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from vitexp.errors import ConfigError
+from vitexp.models.checks import (
+    check_choice,
+    check_encoder_arguments,
+    check_non_negative,
+    check_positive,
+    check_positive_or_none,
+    image_size,
+)
+
+# The ViT paper's model sizes (Dosovitskiy et al. 2021, table 1; Ti and S from DeiT), each trained
+# at the patch sizes its named configs `vit_{size}{patch}` use.
+PAPER_SIZES: dict[str, dict[str, int]] = {
+    "ti": {"hidden_size": 192, "num_layers": 12, "mlp_dim": 768, "num_heads": 3},
+    "s": {"hidden_size": 384, "num_layers": 12, "mlp_dim": 1536, "num_heads": 6},
+    "b": {"hidden_size": 768, "num_layers": 12, "mlp_dim": 3072, "num_heads": 12},
+    "l": {"hidden_size": 1024, "num_layers": 24, "mlp_dim": 4096, "num_heads": 16},
+    "h": {"hidden_size": 1280, "num_layers": 32, "mlp_dim": 5120, "num_heads": 16},
+}
+PAPER_PATCH_SIZES: dict[str, tuple[int, ...]] = {
+    "ti": (4, 8, 16),
+    "s": (4, 8, 16, 32),
+    "b": (4, 8, 16, 32),
+    "l": (14, 16, 32),
+    "h": (14,),
+}
 
 
-def _pair(size: int | tuple[int, int] | list[int]) -> tuple[int, int]:
-    if isinstance(size, int):
-        return size, size
-    height, width = size
-    return int(height), int(width)
+def paper_model_name(hidden_size: int, num_layers: int, mlp_dim: int, patch_size: int) -> str | None:
+    """The named config of a paper-sized ViT (`vit_b16`), or None when these sizes have none."""
+    for size, dims in PAPER_SIZES.items():
+        same = (dims["hidden_size"], dims["num_layers"], dims["mlp_dim"]) == (
+            hidden_size,
+            num_layers,
+            mlp_dim,
+        )
+        if same and patch_size in PAPER_PATCH_SIZES[size]:
+            return f"vit_{size}{patch_size}"
+    return None
 
 
 class DropPath(nn.Module):
@@ -73,7 +104,8 @@ class Embeddings(nn.Module):
         shifted_patches: bool = False,
     ) -> None:
         super().__init__()
-        height, width = _pair(img_size)
+        height, width = image_size(img_size)
+        check_positive("patch_size", patch_size)
         if height % patch_size or width % patch_size:
             raise ConfigError(
                 f"img_size={height if height == width else (height, width)} is not divisible by "
@@ -102,7 +134,8 @@ class Embeddings(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         if tuple(x.shape[-2:]) != self.img_size:
-            raise ConfigError(
+            # The caller's to get right (the data pipeline resizes to model.img_size), not a setting.
+            raise ValueError(
                 f"input images are {tuple(x.shape[-2:])} but the model was built for {self.img_size}: "
                 f"resize the inputs or set img_size"
             )
@@ -248,6 +281,10 @@ class Block(nn.Module):
         x = x + self.drop_path(self.ls1(self.attn(self.attention_norm(x))))
         return x + self.drop_path(self.ls2(self.ffn(self.ffn_norm(x))))
 
+    def attention_weights(self, x: Tensor) -> Tensor:
+        """This block's attention probabilities for its input `x`, (B, heads, tokens, tokens)."""
+        return self.attn.attention_weights(self.attention_norm(x))
+
 
 class Encoder(nn.Module):
     """A stack of blocks followed by a final LayerNorm."""
@@ -293,6 +330,15 @@ class Encoder(nn.Module):
             x = block(x)
         return self.encoder_norm(x)
 
+    @torch.no_grad()
+    def attention_maps(self, x: Tensor) -> list[Tensor]:
+        """Every block's attention probabilities for input tokens `x`, in the same forward pass."""
+        maps = []
+        for block in self.layer:
+            maps.append(block.attention_weights(x))
+            x = block(x)
+        return maps
+
 
 class VisionTransformer(nn.Module):
     """ViT for image classification: Embeddings → Encoder → pooled token → (pre-logits) → head.
@@ -326,17 +372,27 @@ class VisionTransformer(nn.Module):
         embed_layer: Callable[..., nn.Module] = Embeddings,
     ) -> None:
         super().__init__()
-        if classifier not in ("token", "gap", "seqpool"):
-            raise ConfigError(f"classifier={classifier!r} is not one of 'token', 'gap', 'seqpool'")
+        image_size(img_size)
+        for name, value in (("patch_size", patch_size), ("in_channels", in_channels)):
+            check_positive(name, value)
+        check_non_negative("num_classes", num_classes)
+        check_encoder_arguments(
+            hidden_size=hidden_size,
+            mlp_dim=mlp_dim,
+            num_heads=num_heads,
+            num_layers=num_layers,
+            dropout_rate=dropout_rate,
+            attention_dropout_rate=attention_dropout_rate,
+            drop_path_rate=drop_path_rate,
+            layer_scale_init=layer_scale_init,
+            norm_eps=norm_eps,
+        )
+        check_positive_or_none("representation_size", representation_size)
+        check_choice("classifier", classifier, ("token", "gap", "seqpool"))
+        if not callable(embed_layer):
+            raise ConfigError(f"embed_layer={embed_layer!r} must be a module class such as Embeddings")
         if shifted_patches and embed_layer is not Embeddings:
             raise ConfigError("shifted_patches=true needs the plain patch embedding; this model has its own")
-        for name, value in (
-            ("patch_size", patch_size),
-            ("hidden_size", hidden_size),
-            ("num_heads", num_heads),
-        ):
-            if value <= 0:
-                raise ConfigError(f"{name}={value} must be positive")
         self.num_classes = num_classes
         self.hidden_size = hidden_size
         self.classifier = classifier
@@ -451,9 +507,4 @@ class VisionTransformer(nn.Module):
     def attention_maps(self, x: Tensor) -> list[Tensor]:
         """Attention probabilities of every layer for input `x`: a list of `num_layers`
         tensors shaped (B, heads, tokens, tokens) whose rows sum to 1."""
-        maps = []
-        h = self.embeddings(x)
-        for block in self.encoder.layer:
-            maps.append(block.attn.attention_weights(block.attention_norm(h)))
-            h = block(h)
-        return maps
+        return self.encoder.attention_maps(self.embeddings(x))

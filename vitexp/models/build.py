@@ -1,0 +1,137 @@
+"""Building a model from its config: a user's (`build_model`) or one stored in a checkpoint
+(`build_stored_model`).
+
+A model config is a `_target_` (the model class) and its keyword arguments, plus `pretrained` and
+`pretrained_format`, which say how to initialise the model rather than what to build. A user's
+config may name any importable class; its keys are compared with the class's arguments before the
+call, so a misspelt setting is a one-line ConfigError with a did-you-mean rather than a TypeError.
+A config read from a checkpoint is not trusted: it is built only through the registry of vitexp's
+own model classes (`vitexp.registry.build_registered`), which refuses anything else before
+calling it.
+"""
+
+from __future__ import annotations
+
+import difflib
+import inspect
+import pydoc
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+from torch import nn
+
+from vitexp.errors import ConfigError, DataError
+from vitexp.models.cct import CCT
+from vitexp.models.cvt import CvT
+from vitexp.models.hybrid import HybridVisionTransformer
+from vitexp.models.vit import VisionTransformer
+from vitexp.models.weights import load_pretrained as load_pretrained_weights
+from vitexp.registry import build_registered
+
+__all__ = ["LOAD_KEYS", "MODEL_REGISTRY", "build_model", "build_stored_model", "check_arguments"]
+
+# Keys of a model config that say how to initialise the model rather than what to build.
+LOAD_KEYS = ("pretrained", "pretrained_format")
+
+_MODEL_CLASSES: tuple[type[nn.Module], ...] = (VisionTransformer, HybridVisionTransformer, CvT, CCT)
+# Every path a stored config may name a model class by: the public one that `conf/` writes
+# (`vitexp.models.CvT`) and the defining module's (`vitexp.models.cvt.CvT`).
+MODEL_REGISTRY: dict[str, Callable[..., nn.Module]] = {
+    path: cls
+    for cls in _MODEL_CLASSES
+    for path in (f"vitexp.models.{cls.__name__}", f"{cls.__module__}.{cls.__qualname__}")
+}
+
+
+def _plain_config(model_cfg: Mapping[str, Any]) -> dict[str, Any]:
+    if isinstance(model_cfg, DictConfig):
+        container = OmegaConf.to_container(model_cfg, resolve=True)
+        assert isinstance(container, dict)
+        return {str(key): value for key, value in container.items()}
+    return dict(model_cfg)
+
+
+def _target(path: Any) -> Callable[..., Any]:
+    if not isinstance(path, str) or not path:
+        raise ConfigError(
+            f"model._target_={path!r} must name the model class, e.g. vitexp.models.VisionTransformer"
+        )
+    target = pydoc.locate(path)  # None when no module has that name; an import that fails raises
+    if target is None:
+        raise ConfigError(
+            f"model._target_={path} cannot be imported: name a model class such as "
+            f"vitexp.models.VisionTransformer"
+        )
+    if not callable(target):
+        raise ConfigError(f"model._target_={path} is a {type(target).__name__}, not a model class")
+    return target
+
+
+def check_arguments(target: Callable[..., Any], kwargs: Mapping[str, Any], what: str = "model") -> None:
+    """Raise a one-line ConfigError for the first key of `kwargs` that `target` does not take,
+    with the closest argument name when one is near (`hiden_size` -> `hidden_size`)."""
+    parameters = inspect.signature(target).parameters
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values()):
+        return
+    names = [name for name, p in parameters.items() if p.kind is not inspect.Parameter.VAR_POSITIONAL]
+    for key in kwargs:
+        if key not in parameters:
+            close = difflib.get_close_matches(key, names, n=1)
+            hint = (
+                f"; did you mean {what}.{close[0]}?" if close else f"; its arguments are {', '.join(names)}"
+            )
+            raise ConfigError(
+                f"{what}.{key} is not an argument of {getattr(target, '__name__', target)}{hint}"
+            )
+
+
+def _instantiate_nested(value: Any) -> Any:
+    """Arguments that are configs of their own (`{_target_: ...}`) are built by Hydra, as before."""
+    if isinstance(value, dict) and "_target_" in value:
+        return instantiate(value, _convert_="all")
+    return value
+
+
+def build_model(model_cfg: Mapping[str, Any], *, load_pretrained: bool = True) -> nn.Module:
+    """Build the model a user's config describes (`_target_` plus keyword arguments) and, when
+    `pretrained` names a file and `load_pretrained`, import its weights (format detected unless
+    `pretrained_format` names it). Raises ConfigError for a target that cannot be imported or an
+    argument it does not take, before calling anything; the constructor's own ConfigErrors (bad
+    values) pass through, and anything else it raises is a bug and keeps its traceback."""
+    config = _plain_config(model_cfg)
+    target = _target(config.get("_target_"))
+    kwargs = {key: value for key, value in config.items() if key != "_target_" and key not in LOAD_KEYS}
+    directives = [key for key in kwargs if key.startswith("_") and key.endswith("_")]
+    if directives:
+        raise ConfigError(
+            f"model.{directives[0]} is not supported: a model config is its _target_ and keyword arguments"
+        )
+    check_arguments(target, kwargs)
+    model = target(**{key: _instantiate_nested(value) for key, value in kwargs.items()})
+    path = config.get("pretrained")
+    if load_pretrained and path:
+        load_pretrained_weights(model, str(path), fmt=str(config.get("pretrained_format") or "auto"))
+    return model
+
+
+def build_stored_model(model_cfg: Mapping[str, Any], *, source: str) -> nn.Module:
+    """Rebuild the model of a config read from a file (`source`, named in messages) through
+    `MODEL_REGISTRY` only: any other `_target_`, a nested `_target_`, a value that is not plain
+    data or an argument the class does not take is refused with a one-line DataError before
+    anything is called. `pretrained`/`pretrained_format` are ignored (the checkpoint's own weights
+    replace them; no weights file is read here), and a stored value the class refuses (a
+    ConfigError) becomes a DataError naming `source`."""
+    try:
+        return build_registered(model_cfg, MODEL_REGISTRY, what="model", source=source, ignore=LOAD_KEYS)
+    except DataError as e:
+        # The registry names the file in its refusals of targets and keys, not in those of values.
+        if str(e).startswith(f"{source}:"):
+            raise
+        raise DataError(f"{source}: its stored {e}") from None
+    except ConfigError as e:
+        raise DataError(
+            f"{source}: its stored model config cannot be built ({e}); the checkpoint is "
+            f"damaged or was edited"
+        ) from e
