@@ -16,7 +16,7 @@ import torch
 from PIL import Image
 
 from tests.conftest import REPO, TINY_MODEL, run_cli
-from vitexp.errors import ConfigError
+from vitexp.errors import ConfigError, DataError
 from vitexp.training import train
 from vitexp.training.checkpoint import load_checkpoint
 from vitexp.training.preemption import EXIT_PREEMPTED
@@ -336,7 +336,7 @@ def test_unreadable_image_fails_naming_the_file(cfg_factory, tmp_path):
     cfg = cfg_factory("dataset=imagefolder", f"dataset.root={root}", "dataset.num_classes=2", *TINY_RUN,
                       "trainer.batch_size=13", "trainer.max_steps=1")  # fmt: skip
     with pytest.raises(
-        ConfigError, match=r"cannot read image .*class1/broken.jpg .*dataset.on_error=skip"
+        DataError, match=r"cannot read image .*class1/broken.jpg .*dataset.on_error=skip"
     ) as e:
         train(cfg)
     assert "\n" not in str(e.value)

@@ -17,14 +17,15 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 from torch import Tensor, nn
 
-from vitexp.data import BatchTransform, FileSplit, ImageData, Split
+from vitexp.data import BatchTransform, FileSplit, ImageData, Split, build_stored_dataset
 from vitexp.data.transforms import eval_batches
-from vitexp.errors import ConfigError
+from vitexp.errors import ConfigError, DataError
 from vitexp.models import build_model
 from vitexp.runtime import pick_device
 from vitexp.training.checkpoint import load_checkpoint
@@ -68,11 +69,28 @@ class TrainedModel:
         return torch.cat(out)
 
 
-def load_dataset(load_cfg: Mapping[str, Any], what: str) -> ImageData:
-    """Instantiate a `dataset.load` config, turning its failures into one ConfigError line."""
+def load_dataset(load_cfg: Mapping[str, Any], what: str, *, stored: bool = True) -> ImageData:
+    """Build a `dataset.load` config. `what` names where it came from.
+
+    A config stored in a checkpoint (`stored`, the default) is built through the allow-list of
+    `vitexp.data.build_stored_dataset`: never Hydra's `instantiate`, which would call any
+    `_target_` the file names, and never a download. A config the user composed on the command
+    line (`dataset=NAME`, `stored=False`) is theirs and is instantiated, its failures turned
+    into one ConfigError line; the DataErrors of the loaders (a corrupt file) pass through."""
     from vitexp.training.loop import build
 
-    data = build("dataset", lambda: instantiate(dict(load_cfg), _convert_="all"))
+    if stored:
+        return build_stored_dataset(load_cfg, source=what)
+
+    def instantiate_keeping_data_errors() -> Any:
+        try:
+            return instantiate(dict(load_cfg), _convert_="all")
+        except InstantiationException as e:
+            if isinstance(e.__cause__, DataError):
+                raise e.__cause__ from e
+            raise
+
+    data = build("dataset", instantiate_keeping_data_errors)
     if not isinstance(data, ImageData):
         raise ConfigError(f"{what}: dataset.load built a {type(data).__name__}, not vitexp.data.ImageData")
     return data
@@ -94,7 +112,7 @@ def dataset_from_cfg(cfg: DictConfig, trained: TrainedModel) -> ImageData | None
         load_cfg = OmegaConf.to_container(root.dataset.load, resolve=True)
     except OmegaConfBaseException as e:
         raise ConfigError(f"dataset: {str(e).splitlines()[0]}") from e
-    return load_dataset(load_cfg, "dataset")
+    return load_dataset(load_cfg, "dataset", stored=False)
 
 
 def _missing_keys(node: Any, prefix: str = "") -> list[str]:

@@ -2,24 +2,15 @@
 
 from __future__ import annotations
 
-import abc
-import logging
 import math
-import pickle
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
-from pathlib import Path
-from typing import Any
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from vitexp.errors import ConfigError
 from vitexp.data.augment import shift_crop_flip
-
-log = logging.getLogger(__name__)
+from vitexp.errors import ConfigError
 
 # --------------------------------------------------------------------------- augmentation
 
@@ -58,9 +49,24 @@ class BatchTransform:
         self.crop_padding = int(crop_padding)
         self.hflip = bool(hflip)
         self.rrc_scale = tuple(rrc_scale) if rrc_scale is not None else None
+        if self.rrc_scale is not None and not (
+            len(self.rrc_scale) == 2 and 0 < self.rrc_scale[0] <= self.rrc_scale[1] <= 1
+        ):
+            raise ConfigError(
+                f"rrc_scale={list(self.rrc_scale)} must be [low, high] with 0 < low <= high <= 1"
+            )
+        if not (len(rrc_ratio) == 2 and 0 < rrc_ratio[0] <= rrc_ratio[1]):
+            raise ConfigError(f"rrc_ratio={list(rrc_ratio)} must be [low, high] with 0 < low <= high")
         self.log_ratio = (math.log(rrc_ratio[0]), math.log(rrc_ratio[1]))
-        if self.rrc_scale is not None and not 0 < self.rrc_scale[0] <= self.rrc_scale[1] <= 1:
-            raise ConfigError(f"rrc_scale={list(self.rrc_scale)} must satisfy 0 < low <= high <= 1")
+        if self.crop_padding < 0:
+            raise ConfigError(f"crop_padding={crop_padding} must not be negative")
+        if self.mean.numel() != self.std.numel() or self.mean.numel() == 0:
+            raise ConfigError(
+                f"dataset.mean has {self.mean.numel()} values and dataset.std {self.std.numel()}; "
+                f"give one of each per image channel"
+            )
+        if not bool((self.std > 0).all()):
+            raise ConfigError(f"dataset.std={list(std)} must be positive (inputs are divided by it)")
         self.policy = policy
 
     @property
@@ -132,8 +138,6 @@ class BatchTransform:
         theta = torch.stack([torch.stack([sx, zero, cx], 1), torch.stack([zero, h, cy], 1)], 1)
         grid = F.affine_grid(theta, [batch, x.shape[1], *self.out_size], align_corners=False)
         return F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
-
-
 
 
 def eval_batches(
