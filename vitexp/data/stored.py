@@ -62,4 +62,5 @@ def build_stored_dataset(load_cfg: Mapping[str, Any], *, source: str) -> ImageDa
         # and a loader's message names the setting, not the checkpoint that stored it.
         if source in str(e):
             raise
-        raise type(e)(f"{source}: {e}") from e
+        kind = ConfigError if isinstance(e, ConfigError) else DataError
+        raise kind(f"{source}: {e}") from e
