@@ -21,7 +21,7 @@ from vitexp.data import (
     load_digits,
     load_fake,
 )
-from vitexp.errors import ConfigError
+from vitexp.errors import ConfigError, DataError
 
 
 def test_cifar10_subset_reads_every_image(cifar_root):
@@ -103,14 +103,15 @@ def test_truncated_batch_is_named(cifar_root, tmp_path):
     folder = _copy_subset(cifar_root, tmp_path)
     blob = (folder / "data_batch_3").read_bytes()
     (folder / "data_batch_3").write_bytes(blob[: len(blob) // 2])
-    with pytest.raises(ConfigError, match=r"data_batch_3 is truncated or corrupt"):
+    with pytest.raises(DataError, match=r"data_batch_3 is truncated or corrupt") as e:
         load_cifar10(tmp_path, download=False)
+    assert "\n" not in str(e.value)
 
 
 def test_missing_batch_is_named(cifar_root, tmp_path):
     folder = _copy_subset(cifar_root, tmp_path)
     (folder / "test_batch").unlink()
-    with pytest.raises(ConfigError, match=r"incomplete: missing test_batch"):
+    with pytest.raises(DataError, match=r"cifar-10-batches-py is incomplete: missing test_batch"):
         load_cifar10(tmp_path, download=False)
 
 
@@ -126,9 +127,10 @@ def test_batch_that_would_run_code_is_refused(cifar_root, tmp_path):
     exploit.marker = str(marker)
     with open(folder / "data_batch_1", "wb") as f:
         pickle.dump({"data": exploit, "labels": []}, f)
-    with pytest.raises(ConfigError, match="data_batch_1 is truncated or corrupt"):
+    with pytest.raises(DataError, match=r"data_batch_1 is not a plain CIFAR batch: it asks to load") as e:
         load_cifar10(tmp_path, download=False)
     assert not marker.exists()
+    assert "\n" not in str(e.value)
 
 
 # --------------------------------------------------------------------------- augmentation

@@ -280,7 +280,7 @@ def test_evaluate_on_an_image_folder_whose_config_refers_to_the_model(token_ckpt
     data = dataset_from_cfg(cfg, trained)
     assert data.test.image_size == (8, 8) and data.classes == [str(d) for d in range(10)]
     pictures, labels = sample_images(data.test, count=3)  # files read for a train-end grid
-    assert [p.shape for p in pictures] == [(1, 20, 20)] * 3 and labels.tolist() == [0, 1, 2]
+    assert pictures.shape == (3, 1, 8, 8) and labels.tolist() == [0, 1, 2]  # as the model is fed
     report = evaluate_checkpoint(trained, data, output=tmp_path / "r.json")
     assert report["num_samples"] == 10 and sum(map(sum, report["confusion_matrix"])) == 10
     with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):
@@ -359,7 +359,7 @@ def test_predict_top5_for_files_of_any_size_and_mode(token_ckpt, gap_ckpt, tmp_p
 
 def test_predict_names_the_file_it_cannot_read(token_ckpt, tmp_path):
     (tmp_path / "notes.png").write_text("not an image")
-    with pytest.raises(ConfigError, match=r"image .*notes.png cannot be read"):
+    with pytest.raises(DataError, match=r"image .*notes.png cannot be read"):
         predict_images(token_ckpt, [tmp_path / "notes.png"])
     with pytest.raises(ConfigError, match=r"image .*missing.jpg does not exist"):
         predict_images(token_ckpt, [tmp_path / "missing.jpg"])

@@ -18,7 +18,7 @@ import torch
 from hydra.utils import instantiate
 from torch import nn
 
-from tests.conftest import run_cli
+from tests.helpers import run_cli
 from vitexp.errors import ConfigError, DataError
 from vitexp.inference import load_trained
 from vitexp.models import (

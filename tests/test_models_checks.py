@@ -11,7 +11,7 @@ import pytest
 import torch
 from torch import nn
 
-from tests.conftest import compose_cfg
+from tests.helpers import compose_cfg
 from vitexp.errors import ConfigError
 from vitexp.models import CCT, CvT, HybridVisionTransformer, VisionTransformer, build_model
 

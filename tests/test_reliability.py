@@ -349,7 +349,7 @@ def test_unreadable_image_fails_naming_the_file(cfg_factory, tmp_path):
     cfg = cfg_factory("dataset=imagefolder", f"dataset.root={root}", "dataset.num_classes=2", *TINY_RUN,
                       "trainer.batch_size=13", "trainer.max_steps=1")  # fmt: skip
     with pytest.raises(
-        ConfigError, match=r"cannot read image .*class1/broken.jpg .*dataset.on_error=skip"
+        DataError, match=r"cannot read image .*class1/broken.jpg .*dataset.on_error=skip"
     ) as e:
         train(cfg)
     assert "\n" not in str(e.value)

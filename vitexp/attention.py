@@ -31,7 +31,7 @@ from omegaconf import DictConfig, ListConfig
 
 from vitexp.cli import default_output, one_line_errors
 from vitexp.config import conf_dir
-from vitexp.data import FileSplit, ImageData, crop_to_aspect, read_image
+from vitexp.data import FileSplit, ImageData, load_images
 from vitexp.errors import ConfigError
 from vitexp.inference import TrainedModel, as_trained, dataset_from_cfg, split_channels
 from vitexp.viz import has_attention_maps, save_attention_grid
@@ -67,7 +67,7 @@ def attention_figure(
         raise ConfigError(f"{trained.path.name}: attention maps are drawn for ViT models, not {kind}")
     labels = None
     if images:
-        pictures = [crop_to_aspect(read_image(p, trained.in_channels), trained.img_size) for p in images]
+        pictures = load_images(images, trained.in_channels, trained.img_size)
         what = Path(images[0]).stem if len(images) == 1 else f"{Path(images[0]).stem}_and_{len(images) - 1}"
     else:
         if split not in ("train", "test"):
@@ -83,10 +83,7 @@ def attention_figure(
         if bad:
             raise ConfigError(f"index={bad[0]} is out of range: the {split} split has {len(chosen)} images")
         if isinstance(chosen, FileSplit):
-            pictures = [
-                crop_to_aspect(read_image(chosen.paths[i], trained.in_channels), trained.img_size)
-                for i in indices
-            ]
+            pictures = load_images([chosen.paths[i] for i in indices], trained.in_channels, trained.img_size)
         else:
             pictures = chosen.images[torch.tensor(list(indices), dtype=torch.long)]
         labels = chosen.labels[torch.tensor(list(indices), dtype=torch.long)]

@@ -21,7 +21,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 from torch import Tensor, nn
 
-from vitexp.data import BatchTransform, FileSplit, ImageData, Split
+from vitexp.data import BatchTransform, FileSplit, ImageData, Split, build_stored_dataset
 from vitexp.data.transforms import eval_batches
 from vitexp.errors import ConfigError
 from vitexp.models import build_stored_model
@@ -67,10 +67,18 @@ class TrainedModel:
         return torch.cat(out)
 
 
-def load_dataset(load_cfg: Mapping[str, Any], what: str) -> ImageData:
-    """Instantiate a `dataset.load` config, turning its failures into one ConfigError line."""
+def load_dataset(load_cfg: Mapping[str, Any], what: str, *, stored: bool = True) -> ImageData:
+    """Build a `dataset.load` config. `what` names where it came from.
+
+    A config stored in a checkpoint (`stored`, the default) is built through the allow-list of
+    `vitexp.data.build_stored_dataset`: never Hydra's `instantiate`, which would call any
+    `_target_` the file names, and never a download. A config the user composed on the command
+    line (`dataset=NAME`, `stored=False`) is theirs and is instantiated; a vitexp error raised
+    while building it is reported in one line."""
     from vitexp.training.setup import instantiate_group
 
+    if stored:
+        return build_stored_dataset(load_cfg, source=what)
     data = instantiate_group("dataset.load", dict(load_cfg), label="dataset", _convert_="all")
     if not isinstance(data, ImageData):
         raise ConfigError(f"{what}: dataset.load built a {type(data).__name__}, not vitexp.data.ImageData")
@@ -93,7 +101,7 @@ def dataset_from_cfg(cfg: DictConfig, trained: TrainedModel) -> ImageData | None
         load_cfg = OmegaConf.to_container(root.dataset.load, resolve=True)
     except OmegaConfBaseException as e:
         raise ConfigError(f"dataset: {str(e).splitlines()[0]}") from e
-    return load_dataset(load_cfg, "dataset")
+    return load_dataset(load_cfg, "dataset", stored=False)
 
 
 def _missing_keys(node: Any, prefix: str = "") -> list[str]:

@@ -21,7 +21,7 @@ from omegaconf import DictConfig, ListConfig
 
 from vitexp.cli import one_line_errors
 from vitexp.config import conf_dir
-from vitexp.data import crop_to_aspect, read_image
+from vitexp.data import load_images
 from vitexp.errors import ConfigError
 from vitexp.inference import TrainedModel, as_trained
 
@@ -43,7 +43,7 @@ def predict_images(
     if top_k <= 0:
         raise ConfigError(f"top_k={top_k} must be positive")
     trained = as_trained(checkpoint, device)
-    pictures = [crop_to_aspect(read_image(path, trained.in_channels), trained.img_size) for path in images]
+    pictures = load_images(images, trained.in_channels, trained.img_size)
     probs = trained.logits(pictures).softmax(dim=-1).cpu()
     top = probs.topk(min(top_k, trained.num_classes), dim=-1)
     return [

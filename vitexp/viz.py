@@ -27,7 +27,7 @@ import torch
 from matplotlib.figure import Figure
 from torch import Tensor, nn
 
-from vitexp.data import BatchTransform, FileSplit, Split, crop_to_aspect, read_image
+from vitexp.data import BatchTransform, FileSplit, Split, load_images
 from vitexp.data.transforms import eval_batches
 from vitexp.errors import ConfigError
 from vitexp.models import VisionTransformer
@@ -210,8 +210,8 @@ def save_attention_grid(
 def sample_images(split: Split | FileSplit, count: int = 8) -> tuple[Tensor | list[Tensor], Tensor]:
     """A fixed, label-diverse set of images for a train-end grid: the first image of each
     class in index order, then the next unused images, up to `count`. Returns uint8 images
-    (a batch; for an image folder, a list of files read and centre-cropped to the split's
-    aspect ratio) and their labels."""
+    (a batch; for an image folder, its files read by `load_image` at the split's size, as
+    training reads them) and their labels."""
     labels = split.labels.cpu()
     chosen: list[int] = []
     for cls in labels.unique(sorted=True).tolist():
@@ -223,9 +223,7 @@ def sample_images(split: Split | FileSplit, count: int = 8) -> tuple[Tensor | li
     chosen.sort()
     idx = torch.tensor(chosen, dtype=torch.long)
     if isinstance(split, FileSplit):
-        pictures = [
-            crop_to_aspect(read_image(split.paths[i], split.in_channels), split.image_size) for i in chosen
-        ]
+        pictures = load_images([split.paths[i] for i in chosen], split.in_channels, split.image_size)
         return pictures, labels[idx]
     return split.images[idx.to(split.images.device)], split.labels[idx.to(split.labels.device)]
 

@@ -2,21 +2,33 @@
 decoded while training (`FileSplit`), and the two together with class names (`ImageData`);
 plus the small offline datasets (scikit-learn's digits, random images) and the held-out
 validation split.
+
+`ImageData` checks its splits when it is made, so a dataset with labels outside its classes
+(or images that are not uint8 (N, C, H, W)) stops when it is loaded, naming the split and
+the first bad label, instead of mid-epoch inside the loss.
 """
 
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 from torch import Tensor
 
-from vitexp.errors import ConfigError
+from vitexp.errors import ConfigError, DataError
 
-log = logging.getLogger(__name__)
+
+class DatasetNotFound(ConfigError):
+    """A dataset's folder is not where the settings say; `dataset` is the name that
+    `dataset=NAME` selects, `folder` the path that was looked for."""
+
+    def __init__(self, message: str, *, dataset: str, folder: Path) -> None:
+        super().__init__(message)
+        self.dataset = dataset
+        self.folder = folder
 
 
 @dataclass
@@ -54,11 +66,59 @@ class FileSplit:
         )
 
 
+def check_labels(labels: Any, count: int, num_classes: int, where: str) -> None:
+    """Labels fit for the loss: an int64 tensor (N,) with `count` entries, each in
+    [0, num_classes). Raises DataError naming `where` (a split, or the file it came from)
+    and the first bad label."""
+    if not isinstance(labels, Tensor) or labels.dtype != torch.int64 or labels.ndim != 1:
+        kind = (
+            f"{labels.dtype} {tuple(labels.shape)}" if isinstance(labels, Tensor) else type(labels).__name__
+        )
+        raise DataError(f"{where}: the labels are {kind}; vitexp needs one int64 label per image")
+    if len(labels) != count:
+        raise DataError(f"{where}: {count} images but {len(labels)} labels; each image needs one label")
+    if count == 0:
+        return
+    bad = (labels < 0) | (labels >= num_classes)
+    if bool(bad.any()):
+        first = int(bad.nonzero()[0, 0])
+        raise DataError(
+            f"{where}: label {int(labels[first])} (image {first}) is outside the {num_classes} classes "
+            f"0..{num_classes - 1}; fix the labels or the class list"
+        )
+
+
+def check_split(split: Split | FileSplit, num_classes: int, where: str) -> None:
+    """A split vitexp can train on: uint8 images (N, C, H, W) or a list of files, with
+    labels that `check_labels` accepts. Raises DataError naming `where`."""
+    if isinstance(split, FileSplit):
+        if not isinstance(split.paths, list) or not all(isinstance(p, str) for p in split.paths):
+            raise DataError(f"{where}: the file list must be a list of paths (str)")
+        count = len(split.paths)
+    elif isinstance(split, Split):
+        images = split.images
+        if not isinstance(images, Tensor) or images.dtype != torch.uint8 or images.ndim != 4:
+            kind = (
+                f"{images.dtype} {tuple(images.shape)}"
+                if isinstance(images, Tensor)
+                else type(images).__name__
+            )
+            raise DataError(f"{where}: the images are {kind}; vitexp needs uint8 (N, C, H, W)")
+        count = len(images)
+    else:
+        raise DataError(f"{where} is a {type(split).__name__}, not a vitexp.data.Split or FileSplit")
+    check_labels(split.labels, count, num_classes, where)
+
+
 @dataclass
 class ImageData:
     train: Split | FileSplit
     test: Split | FileSplit
     classes: list[str]
+
+    def __post_init__(self) -> None:
+        for name in ("train", "test"):
+            check_split(getattr(self, name), self.num_classes, f"the {name} split")
 
     @property
     def num_classes(self) -> int:
@@ -74,6 +134,8 @@ def load_digits(test_fraction: float = 0.2) -> ImageData:
     from sklearn.datasets import load_digits as sk_load_digits
     from sklearn.model_selection import train_test_split
 
+    if not 0.0 < test_fraction < 1.0:
+        raise ConfigError(f"dataset.load.test_fraction={test_fraction} must be between 0 and 1")
     digits = sk_load_digits()
     # Pixel values are 0..16; scale to the 0..255 range every other dataset uses.
     images = np.clip(digits.images * 16.0, 0, 255).astype(np.uint8)[:, None]
@@ -96,6 +158,15 @@ def load_fake(
     seed: int = 0,
 ) -> ImageData:
     """Random images and labels, for speed tests and smoke runs that need no files."""
+    for name, value, low in (
+        ("num_train", num_train, 0),
+        ("num_test", num_test, 0),
+        ("img_size", img_size, 1),
+        ("in_channels", in_channels, 1),
+        ("num_classes", num_classes, 1),
+    ):
+        if not isinstance(value, int) or value < low:
+            raise ConfigError(f"dataset.load.{name}={value!r} must be an integer >= {low}")
     g = torch.Generator().manual_seed(seed)
 
     def split(n: int) -> Split:
@@ -110,5 +181,9 @@ def carve_validation(train: Split | FileSplit, fraction: float, seed: int = 0) -
     if not 0.0 < fraction < 1.0:
         raise ConfigError(f"dataset.val_split={fraction} must be between 0 and 1 (0 turns it off)")
     n_val = max(1, round(len(train) * fraction))
+    if n_val >= len(train):
+        raise ConfigError(
+            f"dataset.val_split={fraction} holds out all {len(train)} training images; use a smaller fraction"
+        )
     order = torch.randperm(len(train), generator=torch.Generator().manual_seed(seed))
     return train.subset(order[n_val:]), train.subset(order[:n_val])

@@ -1,35 +1,38 @@
-"""ImageNet-style folder trees: files listed at start-up, decoded by DataLoader workers."""
+"""ImageNet-style folder trees: files listed at start-up, decoded by DataLoader workers
+through the one image decoder (`vitexp.data.images.load_image`)."""
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Sequence
 from pathlib import Path
 
-import numpy as np
 import torch
 from torch import Tensor
 
-from vitexp.data.datasets import FileSplit, ImageData
-from vitexp.errors import ConfigError
-
-log = logging.getLogger(__name__)
-
-# --------------------------------------------------------------------------- image folders
+from vitexp.data.datasets import DatasetNotFound, FileSplit, ImageData
+from vitexp.data.images import UnreadableImage, load_image
+from vitexp.errors import ConfigError, DataError
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".pgm", ".tif", ".tiff", ".webp")
 
 
-def _scan_folder(folder: Path, classes: list[str] | None) -> tuple[list[str], list[int], list[str]]:
+def _scan_folder(
+    folder: Path, classes: list[str] | None, setting: str
+) -> tuple[list[str], list[int], list[str]]:
     if not folder.is_dir():
-        raise ConfigError(
-            f"image folder {folder} does not exist; set dataset.root (and dataset.train_dir/test_dir)"
+        raise DatasetNotFound(
+            f"image folder {folder} does not exist; set dataset.root (and {setting})",
+            dataset="imagefolder",
+            folder=folder,
         )
     found = sorted(d.name for d in folder.iterdir() if d.is_dir())
     classes = classes if classes is not None else found
     unknown = sorted(set(found) - set(classes))
     if unknown:
-        raise ConfigError(f"{folder} has class folders the training set lacks: {', '.join(unknown[:5])}")
+        raise DataError(
+            f"{folder} has class folders the training set lacks: {', '.join(unknown[:5])}; "
+            f"give both splits the same class folders"
+        )
     paths, labels = [], []
     for label, name in enumerate(classes):
         for path in sorted((folder / name).rglob("*")):
@@ -37,7 +40,7 @@ def _scan_folder(folder: Path, classes: list[str] | None) -> tuple[list[str], li
                 paths.append(str(path))
                 labels.append(label)
     if not paths:
-        raise ConfigError(
+        raise DataError(
             f"no images found under {folder}: expected one folder per class holding "
             f"{', '.join(IMAGE_EXTENSIONS)} files"
         )
@@ -53,15 +56,19 @@ def load_imagefolder(
     on_error: str = "fail",
 ) -> ImageData:
     """An ImageNet-style tree, `root/{train_dir,test_dir}/<class>/<image>`. Files are listed
-    now and decoded while training (DataLoader workers), resized to `image_size`."""
+    now and decoded while training (DataLoader workers) by `load_image` at `image_size`."""
     if on_error not in ("fail", "skip"):
         raise ConfigError(f"dataset.on_error={on_error!r} must be fail or skip")
-    size = (
-        (image_size, image_size) if isinstance(image_size, int) else (int(image_size[0]), int(image_size[1]))
-    )
+    if in_channels not in (1, 3):
+        raise ConfigError(
+            f"dataset.in_channels={in_channels}: image files are read as 1 (L) or 3 (RGB) channels"
+        )
+    size = (image_size, image_size) if isinstance(image_size, int) else tuple(int(s) for s in image_size)
+    if len(size) != 2 or min(size) <= 0:
+        raise ConfigError(f"image_size={image_size!r} must be a positive size or [height, width]")
     root = Path(root).expanduser()
-    train_paths, train_labels, classes = _scan_folder(root / train_dir, None)
-    test_paths, test_labels, _ = _scan_folder(root / test_dir, classes)
+    train_paths, train_labels, classes = _scan_folder(root / train_dir, None, "dataset.train_dir")
+    test_paths, test_labels, _ = _scan_folder(root / test_dir, classes, "dataset.test_dir")
 
     def split(paths: list[str], labels: list[int]) -> FileSplit:
         return FileSplit(paths, torch.tensor(labels, dtype=torch.long), size, in_channels, on_error)
@@ -70,9 +77,9 @@ def load_imagefolder(
 
 
 class _DecodedFiles(torch.utils.data.Dataset):
-    """Decodes one file to a uint8 (C, H, W) tensor: resized so its shorter side fits, then
-    centre-cropped. A file that cannot be read yields its error instead of raising, so the
-    main process can name it in one line (or skip it)."""
+    """Decodes one file with `load_image` to a uint8 (C, H, W) tensor at the split's size. A
+    file that cannot be read yields its error instead of raising, so the main process can
+    name it in one line (or skip it)."""
 
     def __init__(self, split: FileSplit) -> None:
         self.split = split
@@ -81,20 +88,14 @@ class _DecodedFiles(torch.utils.data.Dataset):
         return len(self.split)
 
     def __getitem__(self, index: int) -> tuple[Tensor | None, int, str, str | None]:
-        from PIL import Image, ImageOps
-
         path, label = self.split.paths[index], int(self.split.labels[index])
+        if not Path(path).is_file():  # listed at start-up, gone since
+            return None, label, path, "the file no longer exists"
         try:
-            with Image.open(path) as img:
-                img = img.convert("L" if self.split.in_channels == 1 else "RGB")
-                height, width = self.split.image_size
-                img = ImageOps.fit(img, (width, height), Image.Resampling.BILINEAR)
-                array = np.asarray(img, dtype=np.uint8)
-        except (OSError, ValueError, SyntaxError) as e:  # PIL's errors for broken files
-            return None, label, path, f"{type(e).__name__}: {e}"
-        tensor = torch.from_numpy(array.copy())
-        tensor = tensor[None] if tensor.ndim == 2 else tensor.permute(2, 0, 1)
-        return tensor, label, path, None
+            image = load_image(path, self.split.in_channels, self.split.image_size)
+        except UnreadableImage as e:
+            return None, label, path, e.reason
+        return image, label, path, None
 
 
 def _collate_decoded(items: list) -> tuple[Tensor, Tensor, list[tuple[str, str]]]:

@@ -1,25 +1,50 @@
 """The one image decoder: every image file vitexp reads (image-folder training and
-evaluation, `predict`, `attention`) becomes a uint8 tensor here, so the same file always
-gives the same pixels.
+evaluation in DataLoader workers, `predict`, `attention`, the train-end attention grid)
+becomes a uint8 tensor here, so the same file always gives the same pixels, and so the same
+model input.
+
+`read_image(path, channels)` decodes a file of any mode at its own size; `load_image(path,
+channels, size)` is what the model is fed: the decoded image, its centre at the target aspect
+ratio, and one resize to `size` (antialiased bilinear, the filter `BatchTransform.eval` uses),
+rounded back to uint8.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from PIL import Image, ImageOps, UnidentifiedImageError
 from torch import Tensor
 
-from vitexp.errors import ConfigError
+from vitexp.errors import ConfigError, DataError
+
+# What PIL raises for a file that is not an image, is truncated or corrupt, or is too large.
+_BROKEN = (UnidentifiedImageError, OSError, ValueError, SyntaxError, Image.DecompressionBombError)
+
+
+class UnreadableImage(DataError):
+    """An image file that exists but cannot be decoded; `reason` says why in a few words."""
+
+    def __init__(self, path: str | Path, reason: str) -> None:
+        super().__init__(f"image {path} cannot be read ({reason}); use a PNG, JPEG or other image file")
+        self.path = str(path)
+        self.reason = reason
+
+
+def _reason(error: BaseException) -> str:
+    lines = str(error).splitlines()
+    return f"{type(error).__name__}: {lines[0][:120] if lines else ''}".rstrip(": ")
 
 
 def _flatten_alpha(img: Image.Image) -> Image.Image:
     """Composite transparent images onto white, as an image viewer shows them: the alpha
-    channel alone says nothing about the colour of a transparent pixel."""
-    if img.mode in ("RGBA", "LA", "PA", "RGBa", "La") or (img.mode == "P" and "transparency" in img.info):
+    channel alone says nothing about the colour of a transparent pixel. Covers alpha modes,
+    palettes with transparent entries and the colour key of RGB/L images (PNG tRNS)."""
+    if img.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in img.info:
         rgba = img.convert("RGBA")
         return Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba).convert("RGB")
     return img
@@ -35,44 +60,60 @@ def _high_depth_to_8bit(img: Image.Image) -> Image.Image:
         top = 1.0 if arr.max(initial=0.0) <= 1.0 else 255.0
     elif img.mode.startswith("I;16"):
         top = 65535.0
-    else:  # "I": 32-bit integers, which is how PIL opens some 16-bit PNGs
+    else:  # "I": 32-bit integers, which is how PIL opens some 16-bit PNGs and TIFFs
         top = 65535.0 if arr.max(initial=0.0) > 255 else 255.0
     return Image.fromarray(np.clip(np.rint(arr / top * 255.0), 0, 255).astype(np.uint8), mode="L")
 
 
-def read_image(path: str | Path, channels: int) -> Tensor:
-    """An image file of any size and mode as a uint8 tensor (channels, H, W).
-
-    Grayscale, palette, 16-bit and CMYK images are converted; transparent ones are put on
-    white; the EXIF orientation of photos is applied. `channels` is 1 (L) or 3 (RGB).
-    """
-    path = Path(path)
+def _check_channels(channels: int) -> None:
     if channels not in (1, 3):
         raise ConfigError(
             f"the model takes {channels}-channel input; only 1- or 3-channel images can be read"
         )
-    if not path.is_file():
-        raise ConfigError(f"image {path} does not exist; check the path")
+
+
+def _decode(path: Path, channels: int) -> Tensor:
+    """The pixels of an existing file, or UnreadableImage."""
     try:
         with Image.open(path) as opened:
             opened.load()
+            # Photos are often stored sideways with an EXIF tag saying how to turn them.
             img = ImageOps.exif_transpose(opened)
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
-        raise ConfigError(
-            f"image {path} cannot be read ({type(e).__name__}: {str(e).splitlines()[0][:120]}); "
-            f"use a PNG, JPEG or other image file"
-        ) from e
+    except _BROKEN as e:
+        raise UnreadableImage(path, _reason(e)) from e
     img = _flatten_alpha(_high_depth_to_8bit(img))
-    img = img.convert("RGB" if channels == 3 else "L")
+    try:
+        # Palette, CMYK, YCbCr, LAB, bilevel: through RGB, so that a 1-channel model sees the
+        # same luma whatever mode the file was saved in.
+        if img.mode not in ("L", "RGB"):
+            img = img.convert("RGB")
+        img = img.convert("RGB" if channels == 3 else "L")
+    except ValueError as e:  # PIL: "conversion from X to RGB not supported"
+        raise UnreadableImage(path, f"its mode {img.mode} cannot be converted: {_reason(e)}") from e
     arr = np.asarray(img, dtype=np.uint8)
     arr = arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1)
     return torch.from_numpy(arr.copy())
 
 
+def read_image(path: str | Path, channels: int) -> Tensor:
+    """An image file of any size and mode as a uint8 tensor (channels, H, W), at its own size.
+
+    Grayscale, palette, 16-bit and float grayscale (scaled, not clipped) and CMYK images are
+    converted; transparent ones are put on white; the EXIF orientation of photos is applied.
+    `channels` is 1 (L) or 3 (RGB). A path that does not exist is a ConfigError (the argument
+    is wrong); a file that cannot be decoded is an UnreadableImage (a DataError) naming it.
+    """
+    _check_channels(channels)
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"image {path} does not exist; check the path")
+    return _decode(path, channels)
+
+
 def crop_to_aspect(image: Tensor, size: Sequence[int]) -> Tensor:
     """The centre of a (C, H, W) image at the aspect ratio of `size` (H, W), so that the
-    resize to the model's input keeps shapes undistorted, as training on image folders does
-    (shorter side fitted, centre cropped). Images of the model's aspect ratio pass unchanged."""
+    resize to the model's input keeps shapes undistorted (shorter side fitted, centre
+    cropped). Images of the target aspect ratio pass unchanged."""
     height, width = image.shape[-2:]
     target = size[1] / size[0]  # width / height
     if width > round(height * target):
@@ -84,3 +125,31 @@ def crop_to_aspect(image: Tensor, size: Sequence[int]) -> Tensor:
         top = (height - new) // 2
         return image[..., top : top + new, :]
     return image
+
+
+def resize_image(image: Tensor, size: Sequence[int]) -> Tensor:
+    """A uint8 (C, H, W) image resized to `size` (H, W): antialiased bilinear in float32 (the
+    filter of `BatchTransform.eval`), rounded half to even and clamped back to uint8. An
+    image already at `size` is returned as it is."""
+    size = (int(size[0]), int(size[1]))
+    if tuple(image.shape[-2:]) == size:
+        return image
+    x = F.interpolate(image[None].float(), size=size, mode="bilinear", antialias=True, align_corners=False)
+    return x[0].round_().clamp_(0, 255).to(torch.uint8)
+
+
+def load_image(path: str | Path, channels: int, size: Sequence[int]) -> Tensor:
+    """What vitexp feeds a model from an image file: a uint8 tensor (channels, *size).
+
+    `read_image`, then `crop_to_aspect` to the aspect ratio of `size`, then `resize_image` to
+    `size`. Training and evaluation on image folders, `predict` and `attention` all read files
+    through this one function, so a file gives the same model input everywhere."""
+    return resize_image(crop_to_aspect(read_image(path, channels), size), size)
+
+
+def load_images(paths: Iterable[str | Path], channels: int, size: Sequence[int]) -> Tensor:
+    """`load_image` of every path, as one uint8 batch (N, channels, *size)."""
+    images = [load_image(path, channels, size) for path in paths]
+    if not images:
+        return torch.empty((0, channels, int(size[0]), int(size[1])), dtype=torch.uint8)
+    return torch.stack(images)

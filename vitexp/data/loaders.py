@@ -15,7 +15,7 @@ from torch import Tensor
 from vitexp.data.datasets import FileSplit, Split
 from vitexp.data.folders import _collate_decoded, _DecodedFiles
 from vitexp.data.transforms import BatchTransform
-from vitexp.errors import ConfigError
+from vitexp.errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
 
@@ -101,39 +101,94 @@ class DeviceLoader(_Loader):
             yield self._finish(self.split.images.index_select(0, idx), self.split.labels.index_select(0, idx))
 
 
-class FolderLoader(_Loader):
-    """Batches of a `FileSplit`: DataLoader workers decode and resize the files to uint8,
-    pinned host memory and non-blocking copies move them, and augmentation runs on the
-    device as for in-memory data."""
+class _SetBatches(torch.utils.data.Sampler):
+    """The batch sampler of a persistent DataLoader: the batches of the coming epoch are set
+    before each iteration, since the order changes every epoch (and on resume)."""
 
-    def __init__(self, split: FileSplit, *, num_workers: int = 0, **kwargs: Any) -> None:
+    def __init__(self) -> None:
+        self.batches: list[list[int]] = []
+
+    def __iter__(self) -> Iterator[list[int]]:
+        return iter(self.batches)
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+
+class FolderLoader(_Loader):
+    """Batches of a `FileSplit`: DataLoader workers decode the files with
+    `vitexp.data.images.load_image` to uint8 at the split's size, pinned host memory and
+    non-blocking copies move them, and augmentation runs on the device as for in-memory data.
+
+    With `persistent_workers` (the default) and `num_workers` > 0, one DataLoader and its
+    worker processes live as long as the loader and serve every epoch: each `iter_from` sets
+    that epoch's batches before iterating. The workers only decode (no randomness), so which
+    process decodes a file changes nothing and a resumed run sees the same batches. An
+    iteration started while another is still open gets a DataLoader of its own."""
+
+    def __init__(
+        self, split: FileSplit, *, num_workers: int = 0, persistent_workers: bool = True, **kwargs: Any
+    ) -> None:
         super().__init__(len(split), **kwargs)
+        if num_workers < 0:
+            raise ConfigError(f"dataset.num_workers={num_workers} must be 0 or more")
         self.split = split
         self.num_workers = num_workers
+        self.persistent_workers = persistent_workers and num_workers > 0
         self._warned: set[str] = set()
+        self._sampler = _SetBatches()
+        self._loader: torch.utils.data.DataLoader | None = None
+        self._owner: object | None = None  # the iteration now using self._loader
+
+    def _data_loader(self, batch_sampler: Any, persistent: bool) -> torch.utils.data.DataLoader:
+        return torch.utils.data.DataLoader(
+            _DecodedFiles(self.split),
+            batch_sampler=batch_sampler,
+            num_workers=self.num_workers,
+            collate_fn=_collate_decoded,
+            pin_memory=self.device.type == "cuda",
+            persistent_workers=persistent,
+        )
+
+    def close(self) -> None:
+        """Stop the persistent workers now (they also stop when the loader is collected)."""
+        self._loader = None
 
     def iter_from(self, order: Tensor, start: int = 0) -> Iterator[tuple[Tensor, Tensor]]:
         batches = [idx.cpu().tolist() for idx in self._batch_indices(order, start)]
         if not batches:
             return
-        loader = torch.utils.data.DataLoader(
-            _DecodedFiles(self.split),
-            batch_sampler=batches,
-            num_workers=self.num_workers,
-            collate_fn=_collate_decoded,
-            pin_memory=self.device.type == "cuda",
-        )
+        if not self.persistent_workers or self._owner is not None:
+            yield from self._serve(self._data_loader(batches, persistent=False))
+            return
+        # An abandoned iteration releases the DataLoader when it is closed (collected), and
+        # only if no later one has taken it since.
+        self._owner = token = object()
+        try:
+            if self._loader is None:
+                self._loader = self._data_loader(self._sampler, persistent=True)
+            # Read by the DataLoader when the iteration starts (iter() below), not later.
+            self._sampler.batches = batches
+            yield from self._serve(self._loader)
+        finally:
+            if self._owner is token:
+                self._owner = None
+
+    def _serve(self, loader: torch.utils.data.DataLoader) -> Iterator[tuple[Tensor, Tensor]]:
         for images, labels, failures in loader:
             for path, error in failures:
                 if self.split.on_error != "skip":
-                    raise ConfigError(
+                    raise DataError(
                         f"cannot read image {path} ({error}); fix or remove it, or set dataset.on_error=skip"
                     )
                 if path not in self._warned:
                     self._warned.add(path)
                     log.warning("skipping unreadable image %s (%s)", path, error)
             if len(labels) == 0:
-                raise ConfigError(f"a whole batch of images could not be read (e.g. {failures[0][0]})")
+                path, error = failures[0]
+                raise DataError(
+                    f"no image of a whole batch could be read (e.g. {path}: {error}); fix or remove them"
+                )
             non_blocking = self.device.type == "cuda"
             yield self._finish(
                 images.to(self.device, non_blocking=non_blocking),
@@ -151,11 +206,13 @@ def make_loader(
     generator: torch.Generator | None = None,
     augment_generator: torch.Generator | None = None,
     num_workers: int = 0,
+    persistent_workers: bool = True,
     rank: int = 0,
     world_size: int = 1,
 ) -> DeviceLoader | FolderLoader:
     """The loader that fits the split: in-memory splits move to the device once; file splits
-    stream through DataLoader workers. `rank`/`world_size` select a data-parallel shard."""
+    stream through DataLoader workers (kept alive across epochs with `persistent_workers`).
+    `rank`/`world_size` select a data-parallel shard."""
     common = {
         "batch_size": batch_size,
         "transform": transform,
@@ -166,5 +223,7 @@ def make_loader(
         "world_size": world_size,
     }
     if isinstance(split, FileSplit):
-        return FolderLoader(split, device=device, num_workers=num_workers, **common)
+        return FolderLoader(
+            split, device=device, num_workers=num_workers, persistent_workers=persistent_workers, **common
+        )
     return DeviceLoader(split.to(device), **common)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 import math
 from collections.abc import Callable, Iterator, Sequence
 
@@ -12,8 +11,6 @@ from torch import Tensor
 
 from vitexp.data.augment import shift_crop_flip
 from vitexp.errors import ConfigError
-
-log = logging.getLogger(__name__)
 
 # --------------------------------------------------------------------------- augmentation
 
@@ -52,9 +49,24 @@ class BatchTransform:
         self.crop_padding = int(crop_padding)
         self.hflip = bool(hflip)
         self.rrc_scale = tuple(rrc_scale) if rrc_scale is not None else None
+        if self.rrc_scale is not None and not (
+            len(self.rrc_scale) == 2 and 0 < self.rrc_scale[0] <= self.rrc_scale[1] <= 1
+        ):
+            raise ConfigError(
+                f"rrc_scale={list(self.rrc_scale)} must be [low, high] with 0 < low <= high <= 1"
+            )
+        if not (len(rrc_ratio) == 2 and 0 < rrc_ratio[0] <= rrc_ratio[1]):
+            raise ConfigError(f"rrc_ratio={list(rrc_ratio)} must be [low, high] with 0 < low <= high")
         self.log_ratio = (math.log(rrc_ratio[0]), math.log(rrc_ratio[1]))
-        if self.rrc_scale is not None and not 0 < self.rrc_scale[0] <= self.rrc_scale[1] <= 1:
-            raise ConfigError(f"rrc_scale={list(self.rrc_scale)} must satisfy 0 < low <= high <= 1")
+        if self.crop_padding < 0:
+            raise ConfigError(f"crop_padding={crop_padding} must not be negative")
+        if self.mean.numel() != self.std.numel() or self.mean.numel() == 0:
+            raise ConfigError(
+                f"dataset.mean has {self.mean.numel()} values and dataset.std {self.std.numel()}; "
+                f"give one of each per image channel"
+            )
+        if not bool((self.std > 0).all()):
+            raise ConfigError(f"dataset.std={list(std)} must be positive (inputs are divided by it)")
         self.policy = policy
 
     @property
