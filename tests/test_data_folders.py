@@ -160,7 +160,7 @@ def test_resume_on_an_image_folder_with_persistent_workers_is_exact(tmp_path):
     )
     train(resumed)
     ours, theirs = (load_checkpoint(tmp_path / d / "last.pt") for d in ("resumed", "whole"))
-    assert ours["global_step"] == theirs["global_step"] == 9
+    assert ours["progress"]["global_step"] == theirs["progress"]["global_step"] == 9
     assert all(torch.equal(ours["model"][k], theirs["model"][k]) for k in theirs["model"])
     first = load_checkpoint(tmp_path / "whole" / "epoch1.pt")["model"]
     assert not all(torch.equal(first[k], theirs["model"][k]) for k in first)  # it did train on
