@@ -2,17 +2,31 @@
 
 from __future__ import annotations
 
+import dataclasses
+import importlib.util
+import inspect
+import re
 import subprocess
 import sys
 import zipfile
 
 import pytest
 import torch
-from hydra.utils import instantiate
+from hydra import compose, initialize_config_dir
+from hydra.core.config_store import ConfigStore
+from hydra.errors import ConfigCompositionException
+from hydra.utils import get_class, instantiate
 from omegaconf import OmegaConf
 
 from tests.helpers import REPO, compose_cfg, run_cli
-from vitexp.config import conf_dir, experiments_dir, register_experiments
+from vitexp.config import (
+    TrainerConfig,
+    conf_dir,
+    experiments_dir,
+    group_options,
+    missing_keys,
+    register_experiments,
+)
 
 GROUPS = ["model", "dataset", "optimizer", "scheduler", "trainer", "logger"]
 
@@ -71,10 +85,19 @@ def test_experiment_overrides_beat_group_defaults():
 
 
 def test_cli_composes_from_any_working_directory(tmp_path):
-    result = run_cli("experiment=digits", "model.hidden_size=96", "--cfg", "job", cwd=tmp_path)
+    # PYTHONPATH: this checkout's vitexp, not whichever one is installed
+    result = run_cli(
+        "experiment=digits",
+        "model.hidden_size=96",
+        "--cfg",
+        "job",
+        cwd=tmp_path,
+        env={"PYTHONPATH": str(REPO)},
+    )
     assert result.returncode == 0, result.stderr
     cfg = OmegaConf.create(result.stdout)
     assert cfg.model.hidden_size == 96 and cfg.trainer.max_epochs == 100
+    assert cfg.model.mlp_dim == 128 and cfg.model.classifier == "gap"  # the preset over the shared base
 
 
 def test_wheel_carries_the_configs(tmp_path):
@@ -124,3 +147,104 @@ def test_model_group_instantiates_on_meta_for_each_size():
         with torch.device("meta"):
             model = build_model(cfg.model)
         assert sum(p.numel() for p in model.parameters()) > 0
+
+
+# --------------------------------------------------------------------------- shared bases
+
+
+# Constructor arguments that take a module, not a setting: no config lists them.
+NOT_SETTINGS = {"embed_layer"}
+
+
+@pytest.mark.parametrize("option", options("model"))
+def test_each_model_option_lists_every_constructor_setting_and_nothing_else(option):
+    """The model files share a base (conf/model_vit.yaml, model_cct.yaml, model_cvt.yaml) and
+    list only their sizes: composed, each is a complete set of keyword arguments."""
+    model = compose_cfg([f"model={option}"]).model
+    signature = inspect.signature(get_class(model._target_).__init__).parameters
+    keyword = (inspect.Parameter.KEYWORD_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    arguments = {name for name, p in signature.items() if name != "self" and p.kind in keyword}
+    keys = set(model) - {"_target_", "pretrained", "pretrained_format"}
+    assert keys <= arguments, keys - arguments
+    assert arguments - keys <= NOT_SETTINGS, arguments - keys
+    assert missing_keys(OmegaConf.create({"model": model})) == []  # every size key of the base is set
+    assert next(iter(model)) == "_target_" and list(model)[-2:] == ["pretrained", "pretrained_format"]
+
+
+# The ViT paper's sizes (Dosovitskiy et al. 2021, table 1): width, MLP, heads, depth.
+VIT_SIZES = {"ti": (192, 768, 3, 12), "s": (384, 1536, 6, 12), "b": (768, 3072, 12, 12),
+             "l": (1024, 4096, 16, 24), "h": (1280, 5120, 16, 32)}  # fmt: skip
+
+
+@pytest.mark.parametrize("option", [o for o in options("model") if re.fullmatch(r"vit_[a-z]+\d+", o)])
+def test_each_vit_size_is_the_one_its_name_says(option):
+    size, patch = re.fullmatch(r"vit_([a-z]+)(\d+)", option).groups()
+    model = compose_cfg([f"model={option}"]).model
+    assert (model.hidden_size, model.mlp_dim, model.num_heads, model.num_layers) == VIT_SIZES[size]
+    assert model.patch_size == int(patch) and model.img_size == (32 if patch == "4" else 224)
+    # ... and the settings every size shares, as before the configs shared a base
+    assert (model.qkv_bias, model.classifier, model.norm_eps, model.dropout_rate) == (
+        True,
+        "token",
+        1e-6,
+        0.0,
+    )
+
+
+def test_the_bases_are_no_options():
+    for group in GROUPS:
+        assert not [o for o in group_options(group) if "model_" in o or "schema" in o], group
+    for base in ("model_vit", "model_cct", "model_cvt"):
+        assert (conf_dir() / f"{base}.yaml").is_file()
+
+
+@pytest.mark.parametrize("command", ["evaluate", "attention", "predict", "export"])
+def test_inspection_commands_share_one_hydra_settings_file(command):
+    with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):
+        cfg = compose(command, return_hydra_config=True)
+    hydra_cfg = cfg.hydra
+    assert hydra_cfg.output_subdir is None and hydra_cfg.run.dir == "." and hydra_cfg.sweep.subdir == "."
+    assert list(hydra_cfg.job_logging.handlers) == ["console"]
+    assert hydra_cfg.job_logging.handlers.console.stream == "ext://sys.stderr"
+    assert hydra_cfg.runtime.choices["hydra/job_logging"] == "stdout"
+    assert hydra_cfg.help.app_name == f"vitexp.{command}"
+    assert "output_subdir" not in (conf_dir() / f"{command}.yaml").read_text()
+
+
+# --------------------------------------------------------------------------- the trainer schema
+
+
+def test_the_trainer_schema_lists_exactly_the_trainer_settings():
+    trainer = compose_cfg().trainer
+    assert list(trainer) == [f.name for f in dataclasses.fields(TrainerConfig)]
+    assert OmegaConf.get_type(trainer) is TrainerConfig
+
+
+@pytest.mark.parametrize(
+    "override", ["trainer.batch_size=abc", "trainer.compile=maybe", "trainer.max_epochs=2.5", "trainer.foo=1"]
+)
+def test_a_wrong_type_or_an_unknown_trainer_key_fails_at_composition(override):
+    with pytest.raises(ConfigCompositionException):
+        compose_cfg([override])
+
+
+def test_a_preset_with_a_wrong_type_fails_at_composition():
+    store = ConfigStore.instance()
+    store.store(group="experiment", name="_typo", node={"trainer": {"max_epochs": "ten"}}, package="_global_")
+    try:
+        with pytest.raises(ConfigCompositionException, match=r"trainer\.max_epochs"):
+            compose_cfg(["experiment=_typo"])
+    finally:
+        del store.repo["experiment"]["_typo.yaml"]
+
+
+@pytest.mark.skipif(
+    importlib.util.find_spec("hydra_plugins.hydra_optuna_sweeper") is None,
+    reason="hydra-optuna-sweeper is not installed (pip install -e '.[sweep]')",
+)
+@pytest.mark.parametrize("name", options("hparams_search"))
+def test_every_hparams_search_composes(name):
+    with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):
+        cfg = compose("config", [f"hparams_search={name}", "experiment=digits"], return_hydra_config=True)
+    assert cfg.hydra.mode.name == "MULTIRUN" and cfg.hydra.sweeper.params
+    assert all(OmegaConf.select(cfg, key) is not None for key in cfg.hydra.sweeper.params)

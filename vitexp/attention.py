@@ -29,7 +29,7 @@ import hydra
 import torch
 from omegaconf import DictConfig, ListConfig
 
-from vitexp.cli import default_output, one_line_errors
+from vitexp.cli import default_output, require_settings, run_command, run_job
 from vitexp.config import conf_dir
 from vitexp.data import FileSplit, ImageData, load_images
 from vitexp.errors import ConfigError
@@ -112,24 +112,33 @@ def _as_list(value: object) -> list:
 
 
 @hydra.main(version_base="1.3", config_path=str(conf_dir()), config_name="attention")
-def main(cfg: DictConfig) -> None:
-    with one_line_errors(cfg):
-        try:
-            indices = [int(i) for i in _as_list(cfg.index)]
-        except (TypeError, ValueError) as e:
-            raise ConfigError(f"index={cfg.index} must be an integer or a list of integers") from e
-        trained = as_trained(cfg.checkpoint, str(cfg.device))
-        data = dataset_from_cfg(cfg, trained)
-        path = attention_figure(
-            trained,
-            images=[str(p) for p in _as_list(cfg.image)],
-            data=data,
-            indices=indices,
-            split=str(cfg.split),
-            output=cfg.output,
-            device=str(cfg.device),
-        )
-        log.info("wrote %s", path)
+def _hydra_main(cfg: DictConfig) -> None:
+    run_job(_attention, cfg)
+
+
+def _attention(cfg: DictConfig) -> None:
+    require_settings(cfg)
+    try:
+        indices = [int(i) for i in _as_list(cfg.index)]
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"index={cfg.index} must be an integer or a list of integers") from e
+    trained = as_trained(cfg.checkpoint, str(cfg.device))
+    data = dataset_from_cfg(cfg, trained)
+    path = attention_figure(
+        trained,
+        images=[str(p) for p in _as_list(cfg.image)],
+        data=data,
+        indices=indices,
+        split=str(cfg.split),
+        output=cfg.output,
+        device=str(cfg.device),
+    )
+    log.info("wrote %s", path)
+
+
+def main() -> None:
+    """`python -m vitexp.attention [overrides]` (see conf/attention.yaml)."""
+    run_command(_hydra_main, "attention")
 
 
 if __name__ == "__main__":

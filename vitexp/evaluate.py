@@ -25,7 +25,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 from torch import Tensor, nn
 
-from vitexp.cli import default_output, one_line_errors
+from vitexp.cli import default_output, require_settings, run_command, run_job
 from vitexp.config import conf_dir
 from vitexp.data import FileSplit, ImageData, Split, carve_validation, make_loader
 from vitexp.errors import ConfigError
@@ -202,35 +202,44 @@ def evaluate_checkpoint(
 
 
 @hydra.main(version_base="1.3", config_path=str(conf_dir()), config_name="evaluate")
-def main(cfg: DictConfig) -> None:
-    with one_line_errors(cfg):
-        trained = as_trained(cfg.checkpoint, str(cfg.device))
-        data = dataset_from_cfg(cfg, trained)
-        val_split, num_workers, output = None, None, cfg.output
-        if data is not None:
-            val_split = float(cfg.dataset.get("val_split") or 0.0)
-            num_workers = int(cfg.dataset.get("num_workers") or 0)
-            if output is None:
-                # Named after the dataset too, so it does not overwrite the report on the run's own.
-                name = HydraConfig.get().runtime.choices.get("dataset")
-                output = default_output(trained.path, f"eval_{name}_{cfg.split}.json")
-        report = evaluate_checkpoint(
-            trained,
-            data,
-            split=str(cfg.split),
-            val_split=val_split,
-            output=output,
-            batch_size=int(cfg.batch_size),
-            device=str(cfg.device),
-            precision=str(cfg.precision),
-            num_workers=num_workers,
-        )
-        log.info(
-            "%s on %d %s images: loss %.4f acc1 %.4f acc5 %.4f mean class acc %.4f | wrote %s, %s",
-            Path(cfg.checkpoint).name, report["num_samples"], report["split"], report["loss"],
-            report["acc1"], report["acc5"], report["mean_class_accuracy"], report["report"],
-            report["confusion_png"],
-        )  # fmt: skip
+def _hydra_main(cfg: DictConfig) -> None:
+    run_job(_evaluate, cfg)
+
+
+def _evaluate(cfg: DictConfig) -> None:
+    require_settings(cfg)
+    trained = as_trained(cfg.checkpoint, str(cfg.device))
+    data = dataset_from_cfg(cfg, trained)
+    val_split, num_workers, output = None, None, cfg.output
+    if data is not None:
+        val_split = float(cfg.dataset.get("val_split") or 0.0)
+        num_workers = int(cfg.dataset.get("num_workers") or 0)
+        if output is None:
+            # Named after the dataset too, so it does not overwrite the report on the run's own.
+            name = HydraConfig.get().runtime.choices.get("dataset")
+            output = default_output(trained.path, f"eval_{name}_{cfg.split}.json")
+    report = evaluate_checkpoint(
+        trained,
+        data,
+        split=str(cfg.split),
+        val_split=val_split,
+        output=output,
+        batch_size=int(cfg.batch_size),
+        device=str(cfg.device),
+        precision=str(cfg.precision),
+        num_workers=num_workers,
+    )
+    log.info(
+        "%s on %d %s images: loss %.4f acc1 %.4f acc5 %.4f mean class acc %.4f | wrote %s, %s",
+        Path(cfg.checkpoint).name, report["num_samples"], report["split"], report["loss"],
+        report["acc1"], report["acc5"], report["mean_class_accuracy"], report["report"],
+        report["confusion_png"],
+    )  # fmt: skip
+
+
+def main() -> None:
+    """`python -m vitexp.evaluate [overrides]` (see conf/evaluate.yaml)."""
+    run_command(_hydra_main, "evaluate")
 
 
 if __name__ == "__main__":

@@ -32,7 +32,7 @@ import torch
 from omegaconf import DictConfig
 from torch import Tensor
 
-from vitexp.cli import one_line_errors
+from vitexp.cli import require_settings, run_command, run_job
 from vitexp.config import conf_dir
 from vitexp.errors import ConfigError
 from vitexp.inference import TrainedModel, load_trained
@@ -196,16 +196,25 @@ def export_checkpoint(
 
 
 @hydra.main(version_base="1.3", config_path=str(conf_dir()), config_name="export")
-def main(cfg: DictConfig) -> None:
-    with one_line_errors(cfg):
-        path = export_checkpoint(
-            cfg.checkpoint,
-            str(cfg.format),
-            cfg.output,
-            opset=None if cfg.opset is None else int(cfg.opset),
-            verify=bool(cfg.verify),
-        )
-        log.info("wrote %s", path)
+def _hydra_main(cfg: DictConfig) -> None:
+    run_job(_export, cfg)
+
+
+def _export(cfg: DictConfig) -> None:
+    require_settings(cfg)
+    path = export_checkpoint(
+        cfg.checkpoint,
+        str(cfg.format),
+        cfg.output,
+        opset=None if cfg.opset is None else int(cfg.opset),
+        verify=bool(cfg.verify),
+    )
+    log.info("wrote %s", path)
+
+
+def main() -> None:
+    """`python -m vitexp.export [overrides]` (see conf/export.yaml)."""
+    run_command(_hydra_main, "export")
 
 
 if __name__ == "__main__":

@@ -19,7 +19,7 @@ from typing import Any
 import hydra
 from omegaconf import DictConfig, ListConfig
 
-from vitexp.cli import one_line_errors
+from vitexp.cli import require_settings, run_command, run_job
 from vitexp.config import conf_dir
 from vitexp.data import load_images
 from vitexp.errors import ConfigError
@@ -68,17 +68,26 @@ def format_predictions(predictions: list[dict[str, Any]]) -> str:
 
 
 @hydra.main(version_base="1.3", config_path=str(conf_dir()), config_name="predict")
-def main(cfg: DictConfig) -> None:
-    with one_line_errors(cfg):
-        images = list(cfg.images) if isinstance(cfg.images, ListConfig) else [cfg.images]
-        predictions = predict_images(
-            cfg.checkpoint, [str(p) for p in images], top_k=int(cfg.top_k), device=str(cfg.device)
-        )
-        # The predictions are the command's output: stdout, apart from the log on stderr.
-        print(format_predictions(predictions), flush=True)
-        if cfg.output:
-            Path(cfg.output).write_text(json.dumps(predictions, indent=2) + "\n")
-            log.info("wrote %s", cfg.output)
+def _hydra_main(cfg: DictConfig) -> None:
+    run_job(_predict, cfg)
+
+
+def _predict(cfg: DictConfig) -> None:
+    require_settings(cfg)
+    images = list(cfg.images) if isinstance(cfg.images, ListConfig) else [cfg.images]
+    predictions = predict_images(
+        cfg.checkpoint, [str(p) for p in images], top_k=int(cfg.top_k), device=str(cfg.device)
+    )
+    # The predictions are the command's output: stdout, apart from the log on stderr.
+    print(format_predictions(predictions), flush=True)
+    if cfg.output:
+        Path(cfg.output).write_text(json.dumps(predictions, indent=2) + "\n")
+        log.info("wrote %s", cfg.output)
+
+
+def main() -> None:
+    """`python -m vitexp.predict [overrides]` (see conf/predict.yaml)."""
+    run_command(_hydra_main, "predict")
 
 
 if __name__ == "__main__":

@@ -18,6 +18,7 @@ import yaml
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
+from vitexp.cli import exit_on_error
 from vitexp.errors import ConfigError
 
 
@@ -159,12 +160,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m vitexp.report", description=__doc__.splitlines()[0])
     parser.add_argument("sweep_dir", help="a multirun folder, e.g. outputs/multirun/2026-11-27/16-00-00")
     args = parser.parse_args(argv)
-    try:
+    with exit_on_error():
         jobs = read_sweep(args.sweep_dir)
         paths = write_report(args.sweep_dir, jobs)
-    except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
     print(format_table(jobs))
     print(f"wrote {paths['csv']}, {paths['md']}, {paths['png']}")
     return 0

@@ -24,6 +24,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch import Tensor, nn
 from tqdm import tqdm
 
+from vitexp.config import validate
 from vitexp.errors import ConfigError, TrainingDiverged
 from vitexp.training import distributed, resume, rundir
 from vitexp.training.checkpoint import read_training_checkpoint, require_resumable, save_checkpoint
@@ -34,7 +35,7 @@ from vitexp.training.metrics import LossWindow, evaluate
 from vitexp.training.optim import set_lr
 from vitexp.training.preemption import Preempted, PreemptionGuard
 from vitexp.training.records import log_sample_predictions, open_loggers, write_summary
-from vitexp.training.setup import LossFn, Run, Step, build, check_settings, max_epochs
+from vitexp.training.setup import LossFn, Run, Step, build, max_epochs
 from vitexp.training.state import Checkpointer, CheckpointWriter, TrainState, gather_rank_streams
 
 log = logging.getLogger(__name__)
@@ -338,7 +339,8 @@ def train(
     `loss_fn` and `write_checkpoint` replace the loss and the checkpoint writer (tests use them
     to inject faults)."""
     started = time.time()
-    check_settings(cfg)
+    for warning in validate(cfg):
+        log.warning("%s", warning)
     t = cfg.trainer
     # Data-parallel when launched as a group (torchrun, or a SLURM job of several tasks): each
     # rank trains on its shard of every global batch; rank 0 alone writes anything.

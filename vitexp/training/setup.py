@@ -41,7 +41,6 @@ from vitexp.training.optim import Schedule, make_schedule, param_groups
 log = logging.getLogger(__name__)
 
 LossFn = Callable[[Tensor, Tensor], Tensor]
-MONITORS = ("val/acc1", "val/acc5", "val/loss")
 
 
 # --------------------------------------------------------------------------- building from configs
@@ -99,46 +98,6 @@ def build_transform(cfg: DictConfig, img_size: tuple[int, int]) -> BatchTransfor
         )
     except ConfigError as e:
         raise ConfigError(f"dataset.augment: {e}") from e
-
-
-def check_settings(cfg: DictConfig) -> None:
-    """Reject values that cannot work before anything is built."""
-    missing = sorted(OmegaConf.missing_keys(cfg))
-    if missing:
-        raise ConfigError(f"{missing[0]} is required here (marked ???): add {missing[0]}=... to the command")
-    if cfg.model.get("pretrained") == "required":
-        raise ConfigError(
-            "this preset fine-tunes pretrained weights: add model.pretrained=PATH (e.g. ViT-B_16.npz)"
-        )
-    t = cfg.trainer
-    positive = {
-        "trainer.batch_size": t.batch_size,
-        "trainer.eval_batch_size": t.eval_batch_size,
-        "trainer.grad_accum_steps": t.grad_accum_steps,
-        "trainer.log_every_steps": t.log_every_steps,
-        "optimizer.lr": cfg.optimizer.get("lr"),
-        "trainer.max_epochs": t.max_epochs,
-    }
-    if t.max_steps is not None:
-        positive["trainer.max_steps"] = t.max_steps
-    for key, value in positive.items():
-        if value is None or value <= 0:
-            raise ConfigError(f"{key}={value} must be positive")
-    if t.batch_size % t.grad_accum_steps:
-        raise ConfigError(
-            f"trainer.batch_size={t.batch_size} is not divisible by trainer.grad_accum_steps="
-            f"{t.grad_accum_steps}; the global batch is split evenly into micro-batches"
-        )
-    if (cfg.optimizer.get("weight_decay") or 0) < 0:
-        raise ConfigError(f"optimizer.weight_decay={cfg.optimizer.weight_decay} must not be negative")
-    if t.get("ema_decay") is not None and not 0 < t.ema_decay < 1:
-        raise ConfigError(
-            f"trainer.ema_decay={t.ema_decay} must be between 0 and 1 (e.g. 0.999), or null for no EMA"
-        )
-    if t.monitor not in MONITORS:
-        raise ConfigError(f"trainer.monitor={t.monitor!r} is not one of {', '.join(MONITORS)}")
-    if t.on_nonfinite not in ("stop", "skip"):
-        raise ConfigError(f"trainer.on_nonfinite={t.on_nonfinite!r} must be stop or skip")
 
 
 # --------------------------------------------------------------------------- the bundle
