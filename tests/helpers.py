@@ -3,6 +3,7 @@ reading a run's records back, and losses that inject faults through the loop's s
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import subprocess
@@ -41,12 +42,25 @@ def compose_cfg(overrides: list[str] | None = None, run_dir: Path | None = None)
     return cfg
 
 
+@functools.cache
+def model_config(name: str) -> DictConfig:
+    """The composed `model` config of option `name`, its family's base merged in (the files
+    in conf/model/ list only what differs from it)."""
+    return compose_cfg([f"model={name}"]).model
+
+
+def model_options() -> list[str]:
+    from vitexp.config import group_options
+
+    return group_options("model")
+
+
 def run_cli(
     *args: str, cwd: Path = REPO, env: dict | None = None, timeout: int = 300, module: str = "vitexp"
 ) -> subprocess.CompletedProcess:
     """Run `python -m MODULE ARGS` in a subprocess, as a user would."""
-    full_env = {**os.environ, "WANDB_MODE": "disabled", "HYDRA_FULL_ERROR": "0", **(env or {})}
-    full_env.pop("VITEXP_DEBUG", None)
+    inherited = {k: v for k, v in os.environ.items() if k != "VITEXP_DEBUG"}  # tracebacks only when asked
+    full_env = {**inherited, "WANDB_MODE": "disabled", "HYDRA_FULL_ERROR": "0", **(env or {})}
     return subprocess.run(
         [sys.executable, "-m", module, *args],
         cwd=cwd,

@@ -23,7 +23,7 @@ from hydra.utils import instantiate
 from omegaconf import OmegaConf
 from torch import Tensor, nn
 
-from tests.helpers import compose_cfg
+from tests.helpers import compose_cfg, model_config, model_options
 from tests.test_convert import _npz_arrays
 from vitexp.config import conf_dir
 from vitexp.errors import ConfigError
@@ -33,9 +33,7 @@ from vitexp.models.weights.conv import convert_hf_cvt, convert_timm_hybrid
 from vitexp.training.optim import param_groups
 
 VIT_TARGET = "vitexp.models.VisionTransformer"
-CONV_MODELS = sorted(
-    p.stem for p in (conf_dir() / "model").glob("*.yaml") if OmegaConf.load(p)["_target_"] != VIT_TARGET
-)
+CONV_MODELS = [n for n in model_options() if model_config(n)["_target_"] != VIT_TARGET]
 
 
 def _perturb(model: nn.Module, seed: int = 0, scale: float = 0.1) -> nn.Module:
@@ -509,7 +507,7 @@ def test_every_config_builds_with_the_right_output_shape(name):
     assert out.shape == (2, 10)
     assert model.img_size == (cfg.model.img_size, cfg.model.img_size)
     assert model.no_weight_decay() <= dict(model.named_parameters()).keys()
-    assert OmegaConf.load(conf_dir() / "model" / f"{name}.yaml")["_target_"].startswith("vitexp.models.")
+    assert model_config(name)["_target_"].startswith("vitexp.models.")
 
 
 DATASETS = sorted(p.stem for p in (conf_dir() / "dataset").glob("*.yaml"))

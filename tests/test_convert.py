@@ -19,13 +19,12 @@ import torch
 from omegaconf import OmegaConf
 from torch import Tensor, nn
 
+from tests.helpers import model_config
 from vitexp.errors import ConfigError, DataError
 from vitexp.models import build_model
 from vitexp.models.vit import VisionTransformer
 from vitexp.models.weights import load_converted, load_pretrained, read_weights, resample_position_embeddings
 from vitexp.models.weights.vit import CONVERTERS, FORMATS, convert_timm, detect_format
-
-CONF = Path(__file__).resolve().parents[1] / "conf" / "model"
 
 # A tiny ViT: fast, yet every dimension differs so a transposed or misplaced weight shows.
 IMG, PATCH, DIM, HEADS, LAYERS, MLP, CLASSES = 32, 8, 64, 4, 2, 256, 10
@@ -645,7 +644,7 @@ def test_missing_garbage_and_non_state_dict_files(tmp_path: Path) -> None:
 
 
 def _paper_config(name: str) -> dict[str, Any]:
-    cfg = OmegaConf.load(CONF / f"{name}.yaml")
+    cfg = model_config(name).copy()
     cfg.in_channels, cfg.num_classes = 3, 1000
     kwargs = OmegaConf.to_container(cfg, resolve=True)
     assert isinstance(kwargs, dict)

@@ -5,19 +5,13 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from omegaconf import OmegaConf
 
-from tests.helpers import compose_cfg
-from vitexp.config import conf_dir
+from tests.helpers import compose_cfg, model_config, model_options
 from vitexp.errors import ConfigError
 from vitexp.models import VisionTransformer, build_model
 
 # The plain ViTs; the convolutional families have their own tests (test_conv_models.py).
-MODEL_NAMES = sorted(
-    p.stem
-    for p in (conf_dir() / "model").glob("*.yaml")
-    if OmegaConf.load(p)._target_ == "vitexp.models.VisionTransformer"
-)
+MODEL_NAMES = [n for n in model_options() if model_config(n)._target_ == "vitexp.models.VisionTransformer"]
 
 
 def tiny(**overrides) -> VisionTransformer:
@@ -204,7 +198,7 @@ def test_model_config_keys_are_constructor_arguments():
 
     params = set(inspect.signature(VisionTransformer).parameters)
     for name in MODEL_NAMES:
-        keys = set(OmegaConf.load(conf_dir() / "model" / f"{name}.yaml")) - {
+        keys = set(model_config(name)) - {
             "_target_",
             "pretrained",
             "pretrained_format",

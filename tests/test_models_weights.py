@@ -8,10 +8,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from omegaconf import OmegaConf
 from torch import nn
 
-from vitexp.config import conf_dir
+from tests.helpers import model_config, model_options
 from vitexp.errors import ConfigError
 from vitexp.models import CCT, CvT, HybridVisionTransformer, VisionTransformer
 from vitexp.models.build import MODEL_REGISTRY
@@ -19,9 +18,9 @@ from vitexp.models.vit import PAPER_PATCH_SIZES, PAPER_SIZES, paper_model_name
 from vitexp.models.weights import FAMILIES, family_of, load_converted, load_pretrained
 
 VIT_CONFIGS = {
-    p.stem: OmegaConf.load(p)
-    for p in sorted((conf_dir() / "model").glob("vit_*.yaml"))
-    if OmegaConf.load(p)["_target_"] == "vitexp.models.VisionTransformer"
+    name: model_config(name)
+    for name in model_options()
+    if name.startswith("vit_") and model_config(name)["_target_"] == "vitexp.models.VisionTransformer"
 }
 
 

@@ -340,7 +340,7 @@ def test_imagefolder_without_images_says_what_it_expected(cfg_factory, tmp_path)
     cfg = cfg_factory(
         "dataset=imagefolder", f"dataset.root={tmp_path / 'empty'}", "dataset.num_classes=1", *TINY_RUN
     )
-    with pytest.raises(ConfigError, match=r"no images found under .*train: expected one folder per class"):
+    with pytest.raises(DataError, match=r"no images found under .*train: expected one folder per class"):
         train(cfg)
 
 
