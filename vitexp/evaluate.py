@@ -94,6 +94,32 @@ def select_split(data: ImageData, split: str, val_split: float, seed: int) -> Sp
     return getattr(data, split)
 
 
+def per_class_accuracy(matrix: Tensor, classes: list[str]) -> list[dict[str, Any]]:
+    """Count, correct and accuracy (None for a class with no images) per true class."""
+    rows = []
+    for i, name in enumerate(classes):
+        count, correct = int(matrix[i].sum()), int(matrix[i, i])
+        rows.append(
+            {
+                "class": name,
+                "count": count,
+                "correct": correct,
+                "accuracy": correct / count if count else None,
+            }
+        )
+    return rows
+
+
+def _class_names(trained: TrainedModel, data: ImageData) -> list[str]:
+    """The checkpoint's names define the model's outputs; the dataset's fill in when it has none."""
+    classes = trained.classes
+    if classes == [str(i) for i in range(trained.num_classes)]:
+        return list(data.classes)
+    if list(data.classes) != classes and data.classes != [str(i) for i in range(data.num_classes)]:
+        log.warning("the dataset's class names differ from the checkpoint's; reporting the checkpoint's")
+    return classes
+
+
 def evaluate_checkpoint(
     checkpoint: str | Path | TrainedModel,
     data: ImageData | None = None,
@@ -136,13 +162,7 @@ def evaluate_checkpoint(
             f"the dataset's images have {split_channels(chosen)} channels but {checkpoint.name}'s model "
             f"takes {trained.in_channels}; evaluate on a dataset like the one it was trained on"
         )
-    # The checkpoint's names define the model's outputs; the dataset's fill in when it has none.
-    classes = trained.classes
-    if classes == [str(i) for i in range(trained.num_classes)]:
-        classes = list(data.classes)
-    elif list(data.classes) != classes and data.classes != [str(i) for i in range(data.num_classes)]:
-        log.warning("the dataset's class names differ from the checkpoint's; reporting the checkpoint's")
-
+    classes = _class_names(trained, data)
     if num_workers is None:
         num_workers = int(config["dataset"].get("num_workers") or 0)
     loader = make_loader(
@@ -158,17 +178,7 @@ def evaluate_checkpoint(
     predictions = torch.cat(recorder.predictions).cpu()
     labels = torch.cat(batches.labels).cpu()
     matrix = confusion_matrix(labels, predictions, trained.num_classes)
-    per_class = []
-    for i, name in enumerate(classes):
-        count, correct = int(matrix[i].sum()), int(matrix[i, i])
-        per_class.append(
-            {
-                "class": name,
-                "count": count,
-                "correct": correct,
-                "accuracy": correct / count if count else None,
-            }
-        )
+    per_class = per_class_accuracy(matrix, classes)
     seen = [c["accuracy"] for c in per_class if c["accuracy"] is not None]
 
     report_path = Path(output) if output is not None else default_output(checkpoint, f"eval_{split}.json")
