@@ -1,33 +1,48 @@
-# Two entry points: `make quickstart` trains on bundled data, `make test` runs the suite.
-# Both create .venv on first use and reinstall only when pyproject.toml changes
-# (test extras: timm/transformers as references, onnx/onnxruntime, the Hydra sweep plugins).
+# Two entry points: `make quickstart` trains on bundled data, `make test` runs the checks and
+# the suite. Both create .venv on first use and reinstall only when pyproject.toml or
+# constraints.txt changes. The quickstart installs the runtime dependencies only; the tests
+# add the test extras (timm/transformers as references, onnx/onnxruntime, the Hydra sweep
+# plugins, ruff, mypy, import-linter). Versions are pinned by constraints.txt (the ones CI last
+# passed with); `make CONSTRAINTS= test` installs unpinned.
 VENV ?= .venv
 PY := $(VENV)/bin/python
+CONSTRAINTS ?= constraints.txt
+PIP_INSTALL = $(PY) -m pip install --quiet $(if $(CONSTRAINTS),-c $(CONSTRAINTS))
 PYTEST_ARGS ?=
 
-.PHONY: install quickstart test test-all lint clean
+.PHONY: install install-dev quickstart test test-all lint constraints clean
 
-install: $(VENV)/.installed
+install: $(VENV)/.runtime
+install-dev: $(VENV)/.dev
 
-$(VENV)/.installed: pyproject.toml
+$(VENV)/.runtime: pyproject.toml $(CONSTRAINTS)
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e '.[test,sweep]'
+	$(PIP_INSTALL) -e .
+	touch $@
+
+$(VENV)/.dev: $(VENV)/.runtime
+	$(PIP_INSTALL) -e '.[test,sweep]'
 	touch $@
 
 quickstart: install
 	$(PY) -m vitexp experiment=digits
 
-test: install
-	$(PY) -m ruff check .
-	$(PY) -m pytest $(PYTEST_ARGS)
-
-test-all: install
-	$(PY) -m pytest -m '' $(PYTEST_ARGS)
-
-lint: install
+lint: install-dev
 	$(PY) -m ruff check .
 	$(PY) -m ruff format --check .
+	$(VENV)/bin/lint-imports
+	$(PY) -m mypy
+
+test: lint
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+test-all: lint
+	$(PY) -m pytest -m '' $(PYTEST_ARGS)
+
+# After a green CI run: pin what it installed.
+constraints: install-dev
+	$(PY) -m pip freeze --exclude-editable > $(CONSTRAINTS)
 
 clean:
 	rm -rf $(VENV) build dist *.egg-info

@@ -91,5 +91,18 @@ class NanAtStep(nn.Module):
         return loss * float("nan") if self.calls == self.step else loss
 
 
+def assert_final_is_last_checkpoint(run_dir: Path) -> dict:
+    """The summary's final metrics are what last.pt scores when evaluated afresh (rebuilt from
+    its stored config, on the same split): the loop's evaluation, its checkpoint and its
+    summary agree. Returns the summary."""
+    from vitexp.evaluate import evaluate_checkpoint
+
+    summary = json.loads((run_dir / "summary.json").read_text())
+    report = evaluate_checkpoint(run_dir / "last.pt", output=run_dir / "recheck.json", device="cpu")
+    assert report["acc1"] == summary["final"]["val/acc1"]
+    assert abs(report["loss"] - summary["final"]["val/loss"]) <= 1e-5 * summary["final"]["val/loss"]
+    return summary
+
+
 def state_dicts_equal(a: dict[str, Tensor], b: dict[str, Tensor]) -> bool:
     return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

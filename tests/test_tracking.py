@@ -12,7 +12,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from tests.helpers import REPO, TINY_MODEL, compose_cfg, run_cli
+from tests.helpers import REPO, TINY_MODEL, compose_cfg, rows, run_cli
 from vitexp.config import experiments_dir
 from vitexp.models import VisionTransformer
 from vitexp.report import read_sweep
@@ -267,4 +267,8 @@ def test_every_preset_runs_with_tiny_overrides(name, cfg_factory, cifar_root, tm
         )
         overrides.append(f"model.pretrained={weights}")
     run = cfg_factory(*overrides)
-    assert 0.0 <= train(run) <= 1.0
+    best = train(run)
+    evals = [r["val/acc1"] for r in rows(Path(run.run_dir)) if "val/acc1" in r]
+    assert (
+        best == max(evals) == json.loads((Path(run.run_dir) / "summary.json").read_text())["best"]["val/acc1"]
+    )
