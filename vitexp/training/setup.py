@@ -227,7 +227,10 @@ def _schedule(cfg: DictConfig, steps_per_epoch: int, total_steps: int) -> Schedu
     assert isinstance(scheduler_cfg, dict)
     _check_arguments("scheduler", {k: v for k, v in scheduler_cfg.items() if k != "warmup_epochs"})
     schedule = make_schedule(scheduler_cfg, steps_per_epoch=steps_per_epoch)
-    if schedule.warmup_steps > total_steps:
+    # Warmup in epochs against a run in steps: only now are both in one unit (`validate`
+    # warns about the cases it can judge from the config alone).
+    mixed_units = cfg.trainer.max_steps is not None and scheduler_cfg.get("warmup_steps") is None
+    if mixed_units and schedule.warmup_steps >= total_steps:
         log.warning(
             "the warmup (%d steps) is longer than the run (%d steps): the learning rate never reaches "
             "optimizer.lr", schedule.warmup_steps, total_steps,
