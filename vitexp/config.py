@@ -118,6 +118,7 @@ class TrainerConfig:
     precision: str = MISSING
     device: str = MISSING
     compile: bool = MISSING
+    deterministic: bool = MISSING
     grad_clip: float | None = MISSING
     label_smoothing: float = MISSING
     log_every_steps: int = MISSING

@@ -4,6 +4,7 @@ context, seeding, and the plain module under `torch.compile`/DDP wrappers."""
 from __future__ import annotations
 
 import contextlib
+import os
 import random
 
 import numpy as np
@@ -40,6 +41,7 @@ def autocast_context(
     device: torch.device, precision: str, setting: str = "precision"
 ) -> contextlib.AbstractContextManager:
     """Decided once per run: bf16/fp16 autocast, or nothing for fp32."""
+    check_precision(device, precision, setting)
     if precision == "fp32":
         return contextlib.nullcontext()
     if precision == "bf16":
@@ -51,11 +53,36 @@ def autocast_context(
     raise ConfigError(f"{setting}={precision!r} is not one of {', '.join(PRECISIONS)}")
 
 
-def enable_tf32(device: torch.device) -> None:
-    """TF32 matmuls and convolutions on Ampere and newer: fp32-like accuracy at tensor-core speed."""
-    if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
+def configure_backends(device: torch.device, *, deterministic: bool = False) -> None:
+    """Decided once per run, before the first CUDA kernel. On a GPU: TF32 matmuls and
+    convolutions (fp32-like accuracy at tensor-core speed), cuDNN's autotuner for the
+    convolution stems, and this run's GPU as the current device (so no stray context opens on
+    GPU 0). `deterministic`: torch's deterministic algorithms (cuBLAS needs its workspace
+    fixed for that, before CUDA starts), no autotuning: a resumed GPU run can then be bitwise."""
+    if deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    # Set either way: a process that trains twice (a sweep in one process, the tests) must not
+    # inherit the previous run's choice.
+    torch.use_deterministic_algorithms(deterministic)
+    if device.type != "cuda":
+        return
+    torch.backends.cuda.matmul.allow_tf32 = True
+    torch.backends.cudnn.allow_tf32 = True
+    torch.backends.cudnn.benchmark = not deterministic
+    if device.index is not None:
+        torch.cuda.set_device(device)
+
+
+def check_precision(device: torch.device, precision: str, setting: str = "precision") -> None:
+    """bf16 on a GPU without bf16 tensor cores (T4, V100) runs emulated, several times slower
+    than fp16: `torch.cuda.is_bf16_supported()` counts emulation as support by default."""
+    emulated = device.type == "cuda" and not torch.cuda.is_bf16_supported(including_emulation=False)
+    if precision == "bf16" and emulated:
+        name = torch.cuda.get_device_name(device)
+        raise ConfigError(
+            f"{setting}=bf16 but {name} has no bf16 tensor cores (it would run emulated, several times "
+            f"slower); use {setting}=fp16 (with its GradScaler) or fp32"
+        )
 
 
 def seed_everything(seed: int) -> None:

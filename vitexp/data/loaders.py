@@ -68,7 +68,10 @@ class _Loader(abc.ABC):
 
     def new_order(self) -> Tensor:
         if self.train:
-            return torch.randperm(self.num_samples, device=self.device, generator=self.generator)
+            # Drawn where the generator is (the CPU, in training), then moved once per epoch.
+            generator_device = self.generator.device if self.generator is not None else "cpu"
+            order = torch.randperm(self.num_samples, device=generator_device, generator=self.generator)
+            return order.to(self.device)
         return torch.arange(self.num_samples, device=self.device)
 
     def _batch_indices(self, order: Tensor, start: int) -> list[Tensor]:
@@ -86,6 +89,9 @@ class _Loader(abc.ABC):
 
     def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
         return self.iter_from(self.new_order())
+
+    def close(self) -> None:  # noqa: B027 (a hook: most loaders hold nothing to release)
+        """Release what the loader holds beyond its split (worker processes); nothing here."""
 
 
 class DeviceLoader(_Loader):
@@ -155,7 +161,8 @@ class FolderLoader(_Loader):
         self._loader = None
 
     def iter_from(self, order: Tensor, start: int = 0) -> Iterator[tuple[Tensor, Tensor]]:
-        batches = [idx.cpu().tolist() for idx in self._batch_indices(order, start)]
+        # One copy of the order to the host per epoch, not one per batch.
+        batches = [idx.tolist() for idx in self._batch_indices(order.cpu(), start)]
         if not batches:
             return
         if not self.persistent_workers or self._owner is not None:

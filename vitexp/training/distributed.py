@@ -78,21 +78,29 @@ def init(world: World, timeout_s: float = 1800) -> None:
     if not world.distributed or dist.is_initialized():
         return
     backend = "cpu:gloo,cuda:nccl" if torch.cuda.is_available() else "gloo"
-    if torch.cuda.is_available():
-        # Each process drives one GPU; NCCL needs it chosen before the first collective.
-        torch.cuda.set_device(world.local_rank % torch.cuda.device_count())
+    if torch.cuda.is_available() and world.local_rank < torch.cuda.device_count():
+        # Each process drives one GPU; NCCL needs it chosen before the first collective. (With
+        # more processes than GPUs, `device_for` refuses a CUDA run; a CPU run needs no GPU.)
+        torch.cuda.set_device(world.local_rank)
     dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s))
     log.debug("rank %d of %d joined the %s process group", world.rank, world.size, backend)
 
 
 def device_for(world: World, name: str) -> torch.device:
-    """`trainer.device` for this rank: a CUDA device means this rank's GPU (LOCAL_RANK)."""
-    if not world.distributed:
-        return torch.device(name)
+    """`trainer.device` for this rank: a CUDA device means this rank's GPU (LOCAL_RANK). Two
+    processes on one GPU would fail at NCCL's first collective, so more processes on a node
+    than it has GPUs are refused."""
     device = torch.device(name)
-    if device.type == "cuda":
-        return torch.device("cuda", world.local_rank % torch.cuda.device_count())
-    return device
+    if not world.distributed or device.type != "cuda":
+        return device
+    count = torch.cuda.device_count()
+    if world.local_rank >= count:
+        per_node = os.environ.get("LOCAL_WORLD_SIZE", f"at least {world.local_rank + 1}")
+        raise ConfigError(
+            f"{per_node} processes on this node but {count} GPU(s) visible: each process needs a GPU of "
+            f"its own; start torchrun with --nproc_per_node={count}, or set trainer.device=cpu"
+        )
+    return torch.device("cuda", world.local_rank)
 
 
 def agree(value: Any, world: World) -> Any:

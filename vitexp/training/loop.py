@@ -76,9 +76,12 @@ def train_step(step: Step, batches: Iterator[tuple[Tensor, Tensor]]) -> StepResu
         grad_norm = nn.utils.clip_grad_norm_(step.model.parameters(), step.grad_clip)
         if not step.scaler.is_enabled():  # fp16's scaler skips overflowing steps itself
             finite = finite & torch.isfinite(grad_norm)
-    if step.skip_nonfinite and step.world.distributed:  # skip on every rank or on none
+    # fp16's GradScaler skips overflowing steps itself (and agrees over the ranks): skipping
+    # here is for the other precisions only.
+    skip = step.skip_nonfinite and not step.scaler.is_enabled()
+    if skip and step.world.distributed:  # skip on every rank or on none
         finite = distributed.all_true(finite, step.world)
-    skipped = step.skip_nonfinite and not step.scaler.is_enabled() and not bool(finite)
+    skipped = skip and not bool(finite)
     if not skipped:
         step.scaler.step(step.optimizer)
         step.scaler.update()
@@ -367,41 +370,50 @@ def train(
                 ckpt["config"], current, source=resume_from, allow=bool(t.get("resume_allow_changes"))
             )
         run = build(cfg, world, resuming=ckpt is not None, loss_fn=loss_fn)
-        state = TrainState(run)
-        if ckpt is not None:
-            assert resume_from is not None
-            state.load_state_dict(ckpt, resume_from)
-            p = state.progress
-            epoch = p.epoch + (p.order is None)
-            log.info("resuming from %s: epoch %d, step %d", resume_from, epoch, p.global_step)
-            del ckpt  # its tensors are in the model and optimizer now: do not hold a second copy
-        if world.is_main:
-            (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
-        budget = None
-        if t.max_time:
-            # The budget covers training and per-epoch evaluation; a resumed run gets what is left.
-            p = state.progress
-            budget = TimeBudget(float(t.max_time) - p.train_seconds, p.global_step, run.total_steps)
-            log.info(
-                "time budget: %.0f s (trainer.max_time); the schedule adapts to the pace", float(t.max_time)
-            )
-        with open_loggers(run, ctx, state, resumed=resume_from is not None) as loggers:
-            log_start(run, ctx, run.total_steps)
-            checkpointer = Checkpointer(run_dir, t.keep_last_k, writes=world.is_main, write=write_checkpoint)
-            final = Loop(run, ctx, state, loggers, checkpointer, budget).fit()
-            if t.sample_figures and world.is_main:
-                log_sample_predictions(run, run_dir, loggers, state.progress.global_step)
-            stopped_by = "max_time" if budget is not None and budget.spent else "max_epochs/max_steps"
-            write_summary(
-                run,
-                ctx,
-                state,
-                loggers,
-                final,
-                started=started,
-                stopped_by=stopped_by,
-                resumed_from=resume_from,
-            )
+        with contextlib.closing(run):
+            return _train_run(run, ctx, ckpt, resume_from, started=started, write_checkpoint=write_checkpoint)
+
+
+def _train_run(
+    run: Run,
+    ctx: RunContext,
+    ckpt: dict | None,
+    resume_from: Path | None,
+    *,
+    started: float,
+    write_checkpoint: CheckpointWriter,
+) -> float:
+    """Restore, fit, and leave the records: what `train` does once the run is built."""
+    t = run.cfg.trainer
+    state = TrainState(run)
+    if ckpt is not None:
+        assert resume_from is not None
+        state.load_state_dict(ckpt, resume_from)
+        p = state.progress
+        log.info(
+            "resuming from %s: epoch %d, step %d", resume_from, p.epoch + (p.order is None), p.global_step
+        )
+        ckpt.clear()  # its tensors are in the model and optimizer now: do not hold a second copy
+    if run.world.is_main:
+        (ctx.run_dir / "config.yaml").write_text(OmegaConf.to_yaml(run.cfg, resolve=True))
+    budget = None
+    if t.max_time:
+        # The budget covers training and per-epoch evaluation; a resumed run gets what is left.
+        p = state.progress
+        budget = TimeBudget(float(t.max_time) - p.train_seconds, p.global_step, run.total_steps)
+        log.info("time budget: %.0f s (trainer.max_time); the schedule adapts to the pace", float(t.max_time))
+    with open_loggers(run, ctx, state, resumed=resume_from is not None) as loggers:
+        log_start(run, ctx, run.total_steps)
+        checkpointer = Checkpointer(
+            ctx.run_dir, t.keep_last_k, writes=run.world.is_main, write=write_checkpoint
+        )
+        final = Loop(run, ctx, state, loggers, checkpointer, budget).fit()
+        if t.sample_figures and run.world.is_main:
+            log_sample_predictions(run, ctx.run_dir, loggers, state.progress.global_step)
+        stopped_by = "max_time" if budget is not None and budget.spent else "max_epochs/max_steps"
+        write_summary(
+            run, ctx, state, loggers, final, started=started, stopped_by=stopped_by, resumed_from=resume_from
+        )
     return float(state.progress.best_value)
 
 

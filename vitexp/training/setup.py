@@ -31,7 +31,14 @@ from vitexp.data.loaders import DeviceLoader, FolderLoader
 from vitexp.errors import ConfigError, DataError, VitexpError
 from vitexp.models import build_model
 from vitexp.registry import HYDRA_KEYS, unknown_argument
-from vitexp.runtime import autocast_context, enable_tf32, pick_device, rank_seed, seed_everything, unwrap
+from vitexp.runtime import (
+    autocast_context,
+    configure_backends,
+    pick_device,
+    rank_seed,
+    seed_everything,
+    unwrap,
+)
 from vitexp.training import distributed
 from vitexp.training.checkpoint import first_line
 from vitexp.training.distributed import World
@@ -137,8 +144,8 @@ class Run:
     transform: BatchTransform
     train_loader: DeviceLoader | FolderLoader
     eval_loader: DeviceLoader | FolderLoader
-    data_generator: torch.Generator  # the shared epoch order (and, in one process, augmentation)
-    augment_generator: torch.Generator  # this rank's augmentation and mixing draws
+    data_generator: torch.Generator  # the shared epoch order, on the CPU (on the CPU alone, augmentation too)
+    augment_generator: torch.Generator  # this rank's augmentation and mixing draws, on its device
     step: Step
     eval_model: nn.Module  # the EMA's average when there is one, else the model
     schedule: Schedule
@@ -151,6 +158,11 @@ class Run:
     @property
     def model(self) -> nn.Module:
         return self.step.model
+
+    def close(self) -> None:
+        """Stop the loaders' worker processes (image folders keep them alive across epochs)."""
+        self.train_loader.close()
+        self.eval_loader.close()
 
 
 def _load_data(cfg: DictConfig) -> tuple[ImageData, Split | FileSplit, Split | FileSplit, str]:
@@ -186,6 +198,15 @@ def _build_model(cfg: DictConfig, device: torch.device, *, resuming: bool) -> nn
         raise type(e)(f"model: {e}") from e
 
 
+def default_workers() -> int:
+    """Image-decoding workers per process: this process's share of the node's cores (the ones
+    it may use: a SLURM job's cgroup, taskset), at most 8 (beyond that the device waits for no
+    one, and each worker holds its own copy of the file list)."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    per_node = int(os.environ.get("LOCAL_WORLD_SIZE") or 1)
+    return max(1, min(8, cores // per_node))
+
+
 def _loaders(
     cfg: DictConfig,
     world: World,
@@ -196,17 +217,20 @@ def _loaders(
     """The train and eval loaders, and the generators the training batches draw from."""
     t, seed = cfg.trainer, int(cfg.seed)
     # Shuffling and augmentation draw from these generators only, so the seed (or a
-    # checkpoint's copy of their states) decides every batch. Data-parallel ranks share the
-    # shuffle (the same seed) but each augments its shard from a stream of its own.
-    data_generator = torch.Generator(device=device).manual_seed(seed)
+    # checkpoint's copy of their states) decides every batch. The epoch order is drawn on the
+    # CPU: CUDA's random kernels size their grid by the GPU's multiprocessor count, so a draw on
+    # the device could differ between GPU models (ranks on mixed nodes would disagree about the
+    # order). Data-parallel ranks share the shuffle (the same seed) but each augments its shard
+    # from a stream of its own, on its device; on the CPU alone one generator does both.
+    data_generator = torch.Generator().manual_seed(seed)
     augment_generator = data_generator
-    if world.distributed:
+    if world.distributed or device.type != "cpu":
         augment_generator = torch.Generator(device=device).manual_seed(rank_seed(seed, world.rank, 1))
     num_workers = cfg.dataset.get("num_workers")
     common: dict[str, Any] = {
         "transform": transform,
         "device": device,
-        "num_workers": min(4, os.cpu_count() or 1) if num_workers is None else int(num_workers),
+        "num_workers": default_workers() if num_workers is None else int(num_workers),
         "rank": world.rank,
         "world_size": world.size,
     }
@@ -301,7 +325,7 @@ def build(cfg: DictConfig, world: World, *, resuming: bool = False, loss_fn: Los
     seed_everything(int(cfg.seed))
     device = distributed.device_for(world, str(pick_device(str(t.device), "trainer.device")))
     autocast = autocast_context(device, str(t.precision), "trainer.precision")
-    enable_tf32(device)
+    configure_backends(device, deterministic=bool(t.get("deterministic")))
     data, train_split, eval_split, eval_name = _load_data(cfg)
     model = _build_model(cfg, device, resuming=resuming)
     transform = build_transform(cfg, unwrap(model).img_size)

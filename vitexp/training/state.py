@@ -145,7 +145,7 @@ class TrainState:
                 "the checkpoint was written by %d process(es), this run has %d: the data order continues, "
                 "augmentation and dropout draws start afresh", saved, world.size,
             )  # fmt: skip
-        if not world.distributed:
+        if self.run.augment_generator is self.run.data_generator:
             return
         rank_rngs = ckpt.get("rank_rng")
         if (
@@ -159,11 +159,12 @@ class TrainState:
 
 
 def gather_rank_streams(state: TrainState) -> list[dict[str, Any]] | None:
-    """Every rank's own random streams (collective: every rank must call it), or None in a
-    single process, where `rng` holds them all."""
-    if not state.run.world.distributed:
+    """Every rank's own random streams (collective: every rank must call it), or None when
+    `rng` holds them all (one process on the CPU, where one generator shuffles and augments)."""
+    run = state.run
+    if run.augment_generator is run.data_generator:
         return None
-    return distributed.gather(state.rank_stream(), state.run.world)
+    return distributed.gather(state.rank_stream(), run.world)
 
 
 CheckpointWriter = Callable[[Mapping[str, Any], Path], None]
