@@ -289,6 +289,17 @@ def test_evaluate_on_an_image_folder_whose_config_refers_to_the_model(token_ckpt
         dataset_from_cfg(cfg, trained)
 
 
+@pytest.mark.parametrize("value", ["digits", "null"])
+def test_a_dataset_load_that_is_not_a_loader_config_is_a_config_error(gap_ckpt, value):
+    """`dataset.load=digits` (the loader's name instead of `dataset=digits`) is a setting to fix,
+    not a traceback from OmegaConf."""
+    with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):
+        cfg = compose("evaluate", [f"checkpoint={gap_ckpt}", "dataset=fake", f"dataset.load={value}"])
+    shown = "'digits'" if value == "digits" else "null"
+    with pytest.raises(ConfigError, match=rf"^dataset\.load={shown} is not a loader config: choose"):
+        dataset_from_cfg(cfg, load_trained(gap_ckpt))
+
+
 def test_evaluate_cli_composes_a_dataset_from_the_group(token_ckpt, tmp_path):
     result = run_module(
         "vitexp.evaluate", f"checkpoint={token_ckpt}", "dataset=fake", "dataset.in_channels=1",

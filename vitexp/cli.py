@@ -233,6 +233,12 @@ def _prefix(override: Override) -> str:
     return {OverrideType.ADD: "+", OverrideType.FORCE_ADD: "++", OverrideType.DEL: "~"}.get(override.type, "")
 
 
+def _line(override: Override) -> str:
+    """The override as it was typed, which the parser records on every override it returns."""
+    assert override.input_line is not None
+    return override.input_line
+
+
 def _jobs(overrides: list[Override]) -> list[list[str]]:
     """The override lists to compose for a command line: itself, or for a sweep its first job
     and, for every other value of each swept key, that job with this one value changed (a
@@ -242,7 +248,7 @@ def _jobs(overrides: list[Override]) -> list[list[str]]:
     swept: list[list[str]] = []
     for override in overrides:
         if not override.is_sweep_override():
-            fixed.append(override.input_line)
+            fixed.append(_line(override))
             continue
         try:
             key = _prefix(override) + override.get_key_element()
@@ -280,7 +286,7 @@ def check_command_line(
             f"cannot read {e.override!r}: {detail}; write key=value "
             f"(see https://hydra.cc/docs/advanced/override_grammar/basic/)"
         ) from e
-    sweeps = [o.input_line for o in parsed if o.is_sweep_override()]
+    sweeps = [_line(o) for o in parsed if o.is_sweep_override()]
     with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):
         for i, job in enumerate(_jobs(parsed)):
             try:

@@ -324,6 +324,7 @@ def missing_keys(cfg: DictConfig) -> list[str]:
     """The dotted keys whose value is `???`, sorted (`hydra` aside). Read unresolved:
     OmegaConf.missing_keys raises on an interpolation that points at a missing value."""
     container = OmegaConf.to_container(cfg, resolve=False)
+    assert isinstance(container, dict)  # a DictConfig converts to a dict
     container.pop("hydra", None)
 
     def walk(node: Any, prefix: str) -> list[str]:

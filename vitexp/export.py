@@ -96,6 +96,7 @@ def _export_onnx(model: torch.nn.Module, example: Tensor, path: Path, meta: str,
             opset_version=opset,
             verbose=False,
         )
+    assert program is not None  # dynamo=True always returns one; None is the TorchScript exporter's
     program.model.metadata_props["vitexp"] = meta
     size = sum(p.numel() * p.element_size() for p in model.parameters())
     program.save(str(path), external_data=size > ONNX_SINGLE_FILE_LIMIT)

@@ -19,12 +19,12 @@ from typing import Any
 import torch
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
-from torch import Tensor, nn
+from torch import Tensor
 
 from vitexp.data import BatchTransform, FileSplit, ImageData, Split, build_stored_dataset
 from vitexp.data.transforms import eval_batches
 from vitexp.errors import ConfigError
-from vitexp.models import build_stored_model
+from vitexp.models import StoredModel, VisionTransformer, build_stored_model
 from vitexp.runtime import pick_device
 from vitexp.training.checkpoint import read_training_checkpoint
 
@@ -35,7 +35,7 @@ log = logging.getLogger("vitexp")
 class TrainedModel:
     """A checkpoint's model in eval mode on `device`, with what is needed to feed it."""
 
-    model: nn.Module  # a VisionTransformer, or another family of vitexp.models
+    model: StoredModel  # a VisionTransformer, or another family of vitexp.models
     transform: BatchTransform  # evaluation path only: resize to the model's size, normalise
     classes: list[str]  # the checkpoint's class names, else "0", "1", ...
     in_channels: int
@@ -50,7 +50,7 @@ class TrainedModel:
 
     @property
     def img_size(self) -> tuple[int, int]:
-        return tuple(self.model.img_size)
+        return self.model.img_size
 
     def load_dataset(self) -> ImageData:
         """The dataset the checkpoint was trained on, from its stored `dataset.load` config."""
@@ -98,10 +98,17 @@ def dataset_from_cfg(cfg: DictConfig, trained: TrainedModel) -> ImageData | None
     if missing:
         raise ConfigError(f"{missing[0]} is required here (marked ???): add {missing[0]}=...")
     try:
-        load_cfg = OmegaConf.to_container(root.dataset.load, resolve=True)
+        load = root.dataset.load
+        load_cfg = OmegaConf.to_container(load, resolve=True) if isinstance(load, DictConfig) else None
     except OmegaConfBaseException as e:
         raise ConfigError(f"dataset: {str(e).splitlines()[0]}") from e
-    return load_dataset(load_cfg, "dataset", stored=False)
+    if not isinstance(load_cfg, dict):  # a name or null where the loader's _target_ belongs
+        shown = "null" if load is None else repr(load)
+        raise ConfigError(
+            f"dataset.load={shown} is not a loader config: choose a dataset with dataset=NAME, or give "
+            f"dataset.load a _target_ (e.g. vitexp.data.load_digits) and its arguments"
+        )
+    return load_dataset({str(key): value for key, value in load_cfg.items()}, "dataset", stored=False)
 
 
 def _missing_keys(node: Any, prefix: str = "") -> list[str]:
@@ -161,7 +168,8 @@ def load_trained(checkpoint: str | Path, device: str | torch.device = "cpu") -> 
         raise ConfigError(f"{path}: the stored config has no dataset.mean/std to normalise inputs with")
     transform = BatchTransform(img_size=model.img_size, mean=dataset_cfg["mean"], std=dataset_cfg["std"])
     in_channels = getattr(model, "in_channels", None) or config["model"].get("in_channels")
-    if in_channels is None:  # the plain ViT keeps it in its patch projection only
+    if in_channels is None and isinstance(model, VisionTransformer):
+        # the plain ViT keeps it in its patch projection only
         in_channels = model.embeddings.patch_embeddings.in_channels
     classes = ckpt.get("classes")
     if not (isinstance(classes, list | tuple) and len(classes) == model.num_classes):

@@ -94,10 +94,10 @@ def read_sweep(sweep_dir: str | Path) -> list[Job]:
                 if "val/acc1" in row:
                     job.curve.append((int(row["epoch"]), float(row["val/acc1"])))
         jobs.append(job)
-    done = [j for j in jobs if j.objective is not None]
-    maximize = not any(j.monitor.endswith("loss") for j in done)
-    done.sort(key=lambda j: -j.objective if maximize else j.objective)
-    return done + [j for j in jobs if j.objective is None]
+    scored = [(j.objective, j) for j in jobs if j.objective is not None]
+    maximize = not any(j.monitor.endswith("loss") for _, j in scored)
+    scored.sort(key=lambda pair: -pair[0] if maximize else pair[0])
+    return [j for _, j in scored] + [j for j in jobs if j.objective is None]
 
 
 def _rows(jobs: list[Job]) -> list[list[str]]:

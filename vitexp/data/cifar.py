@@ -81,10 +81,10 @@ def _read_cifar_batches(folder: Path, files: Sequence[str], label_key: str, num_
             raise DataError(
                 f"{path} is truncated or corrupt (bad 'data' or '{label_key}': {str(e)[:80]}); replace it"
             ) from e
-        targets = torch.from_numpy(targets)
-        check_labels(targets, len(data), num_classes, str(path))
+        split_labels = torch.from_numpy(targets)
+        check_labels(split_labels, len(data), num_classes, str(path))
         images.append(data)
-        labels.append(targets)
+        labels.append(split_labels)
     return Split(torch.from_numpy(np.concatenate(images)), torch.cat(labels))
 
 

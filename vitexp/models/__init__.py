@@ -7,7 +7,7 @@ allow-list); `weights.load_pretrained` imports foreign weights into any of them.
 
 from __future__ import annotations
 
-from vitexp.models.build import build_model, build_stored_model
+from vitexp.models.build import StoredModel, build_model, build_stored_model
 from vitexp.models.cct import CCT
 from vitexp.models.cvt import CvT
 from vitexp.models.hybrid import HybridVisionTransformer
@@ -22,6 +22,7 @@ __all__ = [
     "Encoder",
     "HybridVisionTransformer",
     "Mlp",
+    "StoredModel",
     "VisionTransformer",
     "build_model",
     "build_stored_model",

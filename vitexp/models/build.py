@@ -16,7 +16,7 @@ import difflib
 import inspect
 import pydoc
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import Any, TypeAlias
 
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
@@ -30,12 +30,21 @@ from vitexp.models.vit import VisionTransformer
 from vitexp.models.weights import load_pretrained as load_pretrained_weights
 from vitexp.registry import build_registered
 
-__all__ = ["LOAD_KEYS", "MODEL_REGISTRY", "build_model", "build_stored_model", "check_arguments"]
+__all__ = [
+    "LOAD_KEYS",
+    "MODEL_REGISTRY",
+    "StoredModel",
+    "build_model",
+    "build_stored_model",
+    "check_arguments",
+]
 
 # Keys of a model config that say how to initialise the model rather than what to build.
 LOAD_KEYS = ("pretrained", "pretrained_format")
 
 _MODEL_CLASSES: tuple[type[nn.Module], ...] = (VisionTransformer, HybridVisionTransformer, CvT, CCT)
+# What `build_stored_model` returns: one of those classes (the hybrid is a VisionTransformer).
+StoredModel: TypeAlias = VisionTransformer | CvT | CCT
 # Every path a stored config may name a model class by: the public one that `conf/` writes
 # (`vitexp.models.CvT`) and the defining module's (`vitexp.models.cvt.CvT`).
 MODEL_REGISTRY: dict[str, Callable[..., nn.Module]] = {
@@ -116,7 +125,7 @@ def build_model(model_cfg: Mapping[str, Any], *, load_pretrained: bool = True) -
     return model
 
 
-def build_stored_model(model_cfg: Mapping[str, Any], *, source: str) -> nn.Module:
+def build_stored_model(model_cfg: Mapping[str, Any], *, source: str) -> StoredModel:
     """Rebuild the model of a config read from a file (`source`, named in messages) through
     `MODEL_REGISTRY` only: any other `_target_`, a nested `_target_`, a value that is not plain
     data or an argument the class does not take is refused with a one-line DataError before

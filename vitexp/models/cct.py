@@ -90,6 +90,7 @@ class ConvTokenizer(nn.Sequential):
                 for i in range(num_layers)
             )
         )
+        self.in_channels = in_channels
         self.geometry = (kernel_size, stride, padding, pool_kernel_size, pool_stride, pool_padding)
         self.stride = (stride * pool_stride) ** num_layers
 
@@ -283,7 +284,7 @@ class CCT(nn.Module):
 
     @property
     def in_channels(self) -> int:
-        return self.embeddings.tokenizer[0].conv.in_channels
+        return self.embeddings.tokenizer.in_channels
 
     @property
     def patch_size(self) -> int:

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
@@ -163,6 +163,10 @@ class ConvAttention(nn.Module):
 class CvTBlock(Block):
     """Our pre-norm `Block` with `ConvAttention`, which needs the token grid."""
 
+    # Not a stub problem: swapping in an attention that takes the grid departs from Block's
+    # interface on purpose, as forward's signature does; Block's norms, MLP and drop path are kept.
+    attn: ConvAttention  # type: ignore[assignment]
+
     def __init__(
         self,
         *,
@@ -269,6 +273,11 @@ class CvTStage(nn.Module):
             for rate in rates
         )
 
+    @property
+    def blocks(self) -> list[CvTBlock]:
+        """The blocks in order, typed (a ModuleList yields plain Modules to the type checker)."""
+        return cast("list[CvTBlock]", list(self.layer))
+
     def tokens(self, x: Tensor) -> tuple[Tensor, tuple[int, int], int]:
         """The stage's input tokens (class token first, when present), grid and prefix length."""
         tokens, grid = self.embeddings(x)
@@ -292,8 +301,10 @@ Check = Callable[[str, Any], Any]
 
 def _per_stage(name: str, value: object, stages: int, check: Check) -> list:
     """One checked value per stage: `value` is a list with one entry per stage, or one for all."""
-    listed = isinstance(value, Sequence) and not isinstance(value, str)
-    values = list(value) if listed else [value] * stages
+    if isinstance(value, Sequence) and not isinstance(value, str):
+        listed, values = True, list(value)
+    else:
+        listed, values = False, [value] * stages
     if len(values) != stages:
         raise ConfigError(f"{name}={values} has {len(values)} entries but the model has {stages} stages")
     return [check(f"{name}[{index}]" if listed else name, v) for index, v in enumerate(values)]
@@ -434,12 +445,17 @@ class CvT(nn.Module):
         self.init_weights()
 
     @property
+    def stage_list(self) -> list[CvTStage]:
+        """The stages in order, typed (a ModuleList yields plain Modules to the type checker)."""
+        return cast("list[CvTStage]", list(self.stages))
+
+    @property
     def img_size(self) -> tuple[int, int]:
         return self._img_size
 
     @property
     def in_channels(self) -> int:
-        return self.stages[0].embeddings.projection.in_channels
+        return self.stage_list[0].embeddings.projection.in_channels
 
     @property
     def class_token(self) -> bool:
@@ -457,7 +473,7 @@ class CvT(nn.Module):
             elif isinstance(module, (nn.LayerNorm, nn.BatchNorm2d)):
                 nn.init.ones_(module.weight)
                 nn.init.zeros_(module.bias)
-        for stage in self.stages:
+        for stage in self.stage_list:
             if stage.cls_token is not None:
                 nn.init.trunc_normal_(stage.cls_token, std=0.02)
 
@@ -486,9 +502,9 @@ class CvT(nn.Module):
         """Attention probabilities of every layer of every stage for input `x`, in order: tensors
         shaped (B, heads, query tokens, key tokens) whose rows sum to 1."""
         maps = []
-        for stage in self.stages:
+        for stage in self.stage_list:
             tokens, grid, prefix = stage.tokens(x)
-            for block in stage.layer:
+            for block in stage.blocks:
                 maps.append(block.attn.attention_weights(block.attention_norm(tokens), grid, prefix))
                 tokens = block(tokens, grid, prefix)
             rest = tokens[:, prefix:]

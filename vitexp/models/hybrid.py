@@ -137,6 +137,7 @@ class ResNetBackbone(nn.Module):
                 f"use e.g. resnet_layers=[3, 4, 9] (R50) and resnet_width_factor=1"
             )
         width = 64 * width_factor
+        self.in_channels = in_channels
         self.root = nn.Sequential(
             OrderedDict(
                 conv=StdConv2d(in_channels, width, 7, stride=2),
@@ -149,7 +150,7 @@ class ResNetBackbone(nn.Module):
         channels = width
         for index, depth in enumerate(layers):
             features = width * 2**index
-            units = OrderedDict()
+            units: OrderedDict[str, nn.Module] = OrderedDict()
             for unit in range(depth):
                 stride = 2 if index > 0 and unit == 0 else 1
                 units[f"unit{unit + 1}"] = ResidualUnit(channels, features, stride=stride)
@@ -235,6 +236,8 @@ class HybridVisionTransformer(VisionTransformer):
     stride (16) times `patch_size`. Everything else (`classifier`, `representation_size`,
     dropout, stochastic depth, `attention_maps`, `no_weight_decay`) is the plain ViT's."""
 
+    embeddings: HybridEmbeddings  # what the embed_layer passed to VisionTransformer builds
+
     def __init__(
         self,
         *,
@@ -284,7 +287,7 @@ class HybridVisionTransformer(VisionTransformer):
     @property
     def in_channels(self) -> int:
         """Image channels (the patch projection's input is the ResNet's 1024 feature channels)."""
-        return self.embeddings.backbone.root.conv.in_channels
+        return self.embeddings.backbone.in_channels
 
     @property
     def stride(self) -> int:

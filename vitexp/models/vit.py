@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from typing import Literal
+from typing import Literal, Protocol, cast
 
 import torch
 import torch.nn.functional as F
@@ -158,7 +158,23 @@ class Embeddings(nn.Module):
         # unfold orders each patch as (channel, row, column), the order of a flattened conv weight.
         patches = F.unfold(torch.cat(views, dim=1), self.patch_size, stride=self.patch_size).transpose(1, 2)
         conv = self.patch_embeddings
+        assert self.patch_norm is not None  # built whenever shifted_patches is set
         return F.linear(self.patch_norm(patches), conv.weight.flatten(1), conv.bias)
+
+
+class EmbedLayer(Protocol):
+    """What `VisionTransformer` reads from the module its `embed_layer` builds (`Embeddings`, or
+    `HybridEmbeddings` in vitexp.models.hybrid): images in, tokens (B, prefix + patches, hidden) out."""
+
+    patch_embeddings: nn.Conv2d
+    cls_token: nn.Parameter | None
+    position_embeddings: nn.Parameter
+    img_size: tuple[int, int]
+    patch_size: int
+    grid_size: tuple[int, int]
+    num_prefix_tokens: int
+
+    def __call__(self, x: Tensor) -> Tensor: ...
 
 
 class Attention(nn.Module):
@@ -325,6 +341,11 @@ class Encoder(nn.Module):
         )
         self.encoder_norm = nn.LayerNorm(hidden_size, eps=norm_eps)
 
+    @property
+    def blocks(self) -> list[Block]:
+        """The blocks in order, typed (a ModuleList yields plain Modules to the type checker)."""
+        return cast("list[Block]", list(self.layer))
+
     def forward(self, x: Tensor) -> Tensor:
         for block in self.layer:
             x = block(x)
@@ -334,7 +355,7 @@ class Encoder(nn.Module):
     def attention_maps(self, x: Tensor) -> list[Tensor]:
         """Every block's attention probabilities for input tokens `x`, in the same forward pass."""
         maps = []
-        for block in self.layer:
+        for block in self.blocks:
             maps.append(block.attention_weights(x))
             x = block(x)
         return maps
@@ -369,7 +390,7 @@ class VisionTransformer(nn.Module):
         norm_eps: float = 1e-6,
         shifted_patches: bool = False,
         locality_attention: bool = False,
-        embed_layer: Callable[..., nn.Module] = Embeddings,
+        embed_layer: Callable[..., EmbedLayer] = Embeddings,
     ) -> None:
         super().__init__()
         image_size(img_size)
@@ -398,8 +419,8 @@ class VisionTransformer(nn.Module):
         self.classifier = classifier
         # `embed_layer` turns images into tokens (as timm's argument of that name): the plain patch
         # embedding here, a CNN feature map in the R50 hybrid (vitexp.models.hybrid). It must
-        # provide what Embeddings provides: patch_embeddings, cls_token, position_embeddings,
-        # img_size, patch_size, grid_size and num_prefix_tokens.
+        # provide what Embeddings provides (`EmbedLayer`): patch_embeddings, cls_token,
+        # position_embeddings, img_size, patch_size, grid_size and num_prefix_tokens.
         self.embeddings = embed_layer(
             img_size=img_size,
             patch_size=patch_size,
@@ -427,6 +448,7 @@ class VisionTransformer(nn.Module):
         self.attention_pool = nn.Linear(hidden_size, 1) if classifier == "seqpool" else None
         # The paper's optional pre-logits layer (a tanh-activated projection) used when
         # pre-training on ImageNet-21k; dropped when fine-tuning.
+        self.pre_logits: nn.Module
         if representation_size:
             self.pre_logits = nn.Sequential(nn.Linear(hidden_size, representation_size), nn.Tanh())
             head_in = representation_size
@@ -454,8 +476,9 @@ class VisionTransformer(nn.Module):
         # LeCun normal on the patch projection, treating the conv as a linear map of a patch.
         fan_in = emb.patch_embeddings.in_channels * emb.patch_size**2
         nn.init.trunc_normal_(emb.patch_embeddings.weight, std=math.sqrt(1.0 / fan_in) / 0.87962566103423978)
-        nn.init.zeros_(emb.patch_embeddings.bias)
-        for block in self.encoder.layer:
+        if emb.patch_embeddings.bias is not None:
+            nn.init.zeros_(emb.patch_embeddings.bias)
+        for block in self.encoder.blocks:
             # q, k and v are separate hidden→hidden maps in the paper: initialise each
             # third of the fused weight with its own fan, not the fused 3×hidden fan.
             for part in block.attn.qkv.weight.chunk(3, dim=0):
@@ -471,9 +494,11 @@ class VisionTransformer(nn.Module):
             nn.init.trunc_normal_(self.attention_pool.weight, std=0.02)
             nn.init.zeros_(self.attention_pool.bias)
         if isinstance(self.pre_logits, nn.Sequential):
-            lecun = math.sqrt(1.0 / self.pre_logits[0].in_features) / 0.87962566103423978
-            nn.init.trunc_normal_(self.pre_logits[0].weight, std=lecun)
-            nn.init.zeros_(self.pre_logits[0].bias)
+            projection = self.pre_logits[0]
+            assert isinstance(projection, nn.Linear)  # built above as Linear → Tanh
+            lecun = math.sqrt(1.0 / projection.in_features) / 0.87962566103423978
+            nn.init.trunc_normal_(projection.weight, std=lecun)
+            nn.init.zeros_(projection.bias)
         if isinstance(self.head, nn.Linear):
             if zero_head:
                 nn.init.zeros_(self.head.weight)
@@ -493,6 +518,7 @@ class VisionTransformer(nn.Module):
         if self.classifier == "token":
             x = tokens[:, 0]
         elif self.classifier == "seqpool":
+            assert self.attention_pool is not None  # built whenever classifier is seqpool
             weights = F.softmax(self.attention_pool(tokens), dim=1)  # (B, tokens, 1)
             x = (weights.transpose(1, 2) @ tokens).squeeze(1)
         else:

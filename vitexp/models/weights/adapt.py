@@ -15,6 +15,7 @@ import logging
 import math
 import re
 from collections.abc import Mapping
+from typing import Protocol, cast
 
 import torch
 import torch.nn.functional as F
@@ -80,6 +81,13 @@ def adapt_input_channels(state_dict: dict[str, Tensor], target: Mapping[str, Ten
         )
 
 
+class _TokenGrid(Protocol):
+    """What a model's `embeddings` records about its tokens when it has a learned position table."""
+
+    grid_size: tuple[int, int]
+    num_prefix_tokens: int
+
+
 def adapt_position_embeddings(
     state_dict: dict[str, Tensor], model: nn.Module, target: Mapping[str, Tensor]
 ) -> None:
@@ -90,7 +98,9 @@ def adapt_position_embeddings(
     pos, wanted = state_dict.get(POSITION_EMBEDDINGS), target.get(POSITION_EMBEDDINGS)
     if pos is None or wanted is None or pos.ndim != 3 or pos.shape[-1] != wanted.shape[-1]:
         return  # absent or another width: the strict load names the mismatch
-    embeddings = model.embeddings
+    # The model is any nn.Module (a user's config may name its own class); having a learned
+    # table in its state dict is what promises these attributes.
+    embeddings = cast(_TokenGrid, model.embeddings)
     has_cls = CLS_TOKEN in state_dict
     if pos.shape == wanted.shape and has_cls == (embeddings.num_prefix_tokens == 1):
         # Already the model's table; the file does not record its grid, which may be rectangular.
@@ -156,13 +166,13 @@ def adapt_classifier(state_dict: dict[str, Tensor], target: Mapping[str, Tensor]
             del state_dict[key]
         for key, value in fresh.items():
             state_dict[key] = value.detach().clone()
-    fresh = [name for name, part in (("pre-logits layer", target_pre), ("head", target_head)) if part]
+    fresh_parts = [name for name, part in (("pre-logits layer", target_pre), ("head", target_head)) if part]
     logger.info(
         "pretrained classifier not loaded: the file has %s, the model %s; %s",
         _describe_classifier(source_pre, source_head),
         _describe_classifier(target_pre, target_head),
-        f"the model's freshly initialised {' and '.join(fresh)} will be trained"
-        if fresh
+        f"the model's freshly initialised {' and '.join(fresh_parts)} will be trained"
+        if fresh_parts
         else "none is needed",
     )
 

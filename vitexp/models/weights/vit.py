@@ -305,7 +305,7 @@ def _npz_num_heads(state_dict: Mapping[str, Tensor]) -> int | None:
 def check_npz_heads(state_dict: Mapping[str, Tensor], model: VisionTransformer, source: str) -> None:
     """Refuse `.npz` weights of another head count than the model's: the one layout that records it."""
     heads = _npz_num_heads(state_dict)
-    model_heads = model.encoder.layer[0].attn.num_heads if len(model.encoder.layer) else None
+    model_heads = model.encoder.blocks[0].attn.num_heads if len(model.encoder.layer) else None
     if heads is not None and model_heads is not None and heads != model_heads:
         raise ConfigError(
             f"pretrained weights {source} have {heads} attention heads but the model {model_heads}: "
