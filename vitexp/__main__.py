@@ -15,6 +15,7 @@ from pathlib import Path
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from omegaconf import DictConfig
 
 from vitexp.cli import check_command_line_or_exit, run_job
@@ -33,7 +34,7 @@ def run_context(world: distributed.World) -> RunContext:
     run_dir = Path(hc.runtime.output_dir)
     name = hc.job.override_dirname or f"{hc.runtime.choices.get('model')}-{hc.runtime.choices.get('dataset')}"
     group = None
-    if hc.mode.name == "MULTIRUN":
+    if hc.mode == RunMode.MULTIRUN:
         sweep = Path(hc.sweep.dir)
         group = f"{sweep.parent.name}/{sweep.name}"
     replaced = ("trainer.resume=", "hydra.run.dir=", "hydra.sweep.")

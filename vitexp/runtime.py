@@ -101,8 +101,9 @@ def unwrap(model: nn.Module) -> nn.Module:
     """The plain module under `torch.compile` (`_orig_mod`) and DDP (`module`) wrappers, so
     saved keys carry no wrapper prefixes."""
     while True:
-        if hasattr(model, "_orig_mod"):
-            model = model._orig_mod
+        compiled = getattr(model, "_orig_mod", None)
+        if isinstance(compiled, nn.Module):
+            model = compiled
         elif isinstance(model, nn.parallel.DistributedDataParallel):
             model = model.module
         else:

@@ -69,7 +69,8 @@ def capture_rng(generator: torch.Generator | None, device: torch.device) -> dict
     """Every random stream this process draws from, in a form `weights_only` loading accepts:
     Python, numpy, torch's CPU stream, the CUDA stream of this process's own device (not every
     visible GPU's: another machine may see fewer), and `generator` with its device type."""
-    np_state = np.random.get_state()
+    np_state = np.random.get_state(legacy=True)
+    assert isinstance(np_state, tuple)  # legacy=True: ("MT19937", keys, pos, has_gauss, gauss)
     state: dict[str, Any] = {
         "python": random.getstate(),
         "numpy": {"key": torch.from_numpy(np_state[1].copy()), "pos": int(np_state[2])},

@@ -14,7 +14,7 @@ import os
 import subprocess
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, cast
 
 import torch
 
@@ -98,7 +98,7 @@ class WandbLogger:
             tags=list(tags or []),
             config=dict(run_config),
             dir=str(run_dir),
-            mode=mode,
+            mode=cast(Literal["online", "offline", "disabled"], mode),  # checked just above
             id=run_id,
             resume="allow" if run_id else None,
             reinit="finish_previous",

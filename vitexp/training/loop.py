@@ -35,7 +35,7 @@ from vitexp.training.metrics import LossWindow, evaluate
 from vitexp.training.optim import set_lr
 from vitexp.training.preemption import Preempted, PreemptionGuard
 from vitexp.training.records import log_sample_predictions, open_loggers, write_summary
-from vitexp.training.setup import LossFn, Run, Step, build, max_epochs
+from vitexp.training.setup import LossFn, Run, Step, build, max_epochs, plain
 from vitexp.training.state import Checkpointer, CheckpointWriter, TrainState, gather_rank_streams
 
 log = logging.getLogger(__name__)
@@ -364,10 +364,9 @@ def train(
         ckpt = read_training_checkpoint(resume_from) if resume_from else None
         if ckpt is not None:
             require_resumable(ckpt, str(resume_from))
-            current = OmegaConf.to_container(cfg, resolve=True)
-            assert isinstance(current, dict) and resume_from is not None
+            assert resume_from is not None
             resume.check_same_run(
-                ckpt["config"], current, source=resume_from, allow=bool(t.get("resume_allow_changes"))
+                ckpt["config"], plain(cfg), source=resume_from, allow=bool(t.get("resume_allow_changes"))
             )
         run = build(cfg, world, resuming=ckpt is not None, loss_fn=loss_fn)
         with contextlib.closing(run):

@@ -72,8 +72,8 @@ class LossWindow:
             bad = torch.where(bad < 0, torch.iinfo(torch.long).max, bad)
             torch.distributed.all_reduce(bad, op=torch.distributed.ReduceOp.MIN)
             bad = torch.where(bad == torch.iinfo(torch.long).max, -1, bad)
-        bad = int(bad.item())
-        return bad if bad >= 0 else None
+        step = int(bad.item())
+        return step if step >= 0 else None
 
     def flush(self) -> tuple[float | None, int, float]:
         """(mean loss of the finite steps, or None when every step was skipped as non-finite;

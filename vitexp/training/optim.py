@@ -22,8 +22,10 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     """Two groups: decayed weights, and parameters that weight decay should not shrink
     (norms, biases, position embeddings and class token; anything 1-D or named by the
     model's `no_weight_decay()`)."""
-    skip = set(model.no_weight_decay()) if hasattr(model, "no_weight_decay") else set()
-    decay, no_decay = [], []
+    named_skip = getattr(model, "no_weight_decay", None)
+    skip = set(named_skip()) if callable(named_skip) else set()
+    decay: list[nn.Parameter] = []
+    no_decay: list[nn.Parameter] = []
     for name, param in model.named_parameters():
         if not param.requires_grad:
             continue

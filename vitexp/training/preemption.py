@@ -56,7 +56,7 @@ class PreemptionGuard:
 
     def __init__(self) -> None:
         self.signal_name: str | None = None
-        self._previous: dict[int, object] = {}
+        self._previous: dict[int, signal._HANDLER] = {}
 
     @property
     def requested(self) -> bool:

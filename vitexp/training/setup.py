@@ -85,12 +85,18 @@ def instantiate_group(key: str, node: Any, *args: Any, label: str | None = None,
         raise
 
 
+def plain(node: Any) -> dict[str, Any]:
+    """A config node as a plain dict with string keys, interpolations resolved."""
+    container = OmegaConf.to_container(node, resolve=True)
+    assert isinstance(container, dict)
+    return {str(k): v for k, v in container.items()}
+
+
 def build_transform(cfg: DictConfig, img_size: tuple[int, int]) -> BatchTransform:
     """The dataset's augmentation at the model's resolution, with an optional RandAugment or
     TrivialAugment policy (`dataset.augment.randaugment: {num_ops, magnitude}` or
     `dataset.augment.trivialaugment: true`), all applied batched on the device."""
-    augment = OmegaConf.to_container(cfg.dataset.augment)
-    assert isinstance(augment, dict)
+    augment = plain(cfg.dataset.augment)
     randaugment, trivial = augment.pop("randaugment", None), augment.pop("trivialaugment", False)
     if randaugment and trivial:
         raise ConfigError("dataset.augment: choose randaugment or trivialaugment, not both")
@@ -186,6 +192,15 @@ def _load_data(cfg: DictConfig) -> tuple[ImageData, Split | FileSplit, Split | F
     return data, train_split, eval_split, eval_name
 
 
+def _img_size(model: nn.Module) -> tuple[int, int]:
+    """The (height, width) the model takes; every vitexp model, and any model to train with
+    it, has `img_size`."""
+    size = getattr(unwrap(model), "img_size", None)
+    if not (isinstance(size, tuple) and len(size) == 2):
+        raise ConfigError(f"model: {type(model).__name__} has no img_size (height, width) to feed it at")
+    return (int(size[0]), int(size[1]))
+
+
 def _build_model(cfg: DictConfig, device: torch.device, *, resuming: bool) -> nn.Module:
     # A resumed run's checkpoint replaces the pretrained weights: do not read them.
     try:
@@ -247,8 +262,7 @@ def _loaders(
 
 
 def _schedule(cfg: DictConfig, steps_per_epoch: int, total_steps: int) -> Schedule:
-    scheduler_cfg = OmegaConf.to_container(cfg.scheduler)
-    assert isinstance(scheduler_cfg, dict)
+    scheduler_cfg = plain(cfg.scheduler)
     _check_arguments("scheduler", {k: v for k, v in scheduler_cfg.items() if k != "warmup_epochs"})
     schedule = make_schedule(scheduler_cfg, steps_per_epoch=steps_per_epoch)
     # Warmup in epochs against a run in steps: only now are both in one unit (`validate`
@@ -328,7 +342,7 @@ def build(cfg: DictConfig, world: World, *, resuming: bool = False, loss_fn: Los
     configure_backends(device, deterministic=bool(t.get("deterministic")))
     data, train_split, eval_split, eval_name = _load_data(cfg)
     model = _build_model(cfg, device, resuming=resuming)
-    transform = build_transform(cfg, unwrap(model).img_size)
+    transform = build_transform(cfg, _img_size(model))
     train_loader, eval_loader, data_generator, augment_generator = _loaders(
         cfg, world, device, transform, (train_split, eval_split)
     )
@@ -338,8 +352,7 @@ def build(cfg: DictConfig, world: World, *, resuming: bool = False, loss_fn: Los
     )  # fmt: skip
     steps_per_epoch = len(train_loader) // step.grad_accum_steps
     total_steps = int(t.max_steps) if t.max_steps is not None else int(t.max_epochs) * steps_per_epoch
-    config = OmegaConf.to_container(cfg, resolve=True)
-    assert isinstance(config, dict)
+    config = plain(cfg)
     monitor = str(t.monitor)
     return Run(
         cfg=cfg,
