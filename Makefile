@@ -42,7 +42,8 @@ test-all: lint
 
 # After a green CI run: pin what it installed.
 constraints: install-dev
-	$(PY) -m pip freeze --exclude-editable > $(CONSTRAINTS)
+	echo "# The versions CI last passed with (pip freeze of the test environment; make constraints writes it)." > $(CONSTRAINTS)
+	$(PY) -m pip freeze --exclude-editable >> $(CONSTRAINTS)
 
 clean:
 	rm -rf $(VENV) build dist *.egg-info
