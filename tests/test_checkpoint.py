@@ -4,6 +4,7 @@ its upgrade from format 1, random streams across devices, and the EMA."""
 from __future__ import annotations
 
 import copy
+import pickle
 from pathlib import Path
 
 import pytest
@@ -51,16 +52,11 @@ def test_unwrap_strips_compile_wrapper():
     assert set(unwrap(compiled).state_dict()) == {"weight", "bias"}
 
 
-def test_failed_save_keeps_the_previous_file(tmp_path, monkeypatch):
+def test_failed_save_keeps_the_previous_file(tmp_path):
     path = tmp_path / "last.pt"
     save_checkpoint({"v": torch.tensor(1)}, path)
-
-    def boom(*args, **kwargs):
-        raise OSError(28, "No space left on device")
-
-    monkeypatch.setattr(torch, "save", boom)
-    with pytest.raises(OSError):
-        save_checkpoint({"v": torch.tensor(2)}, path)
+    with pytest.raises((AttributeError, TypeError, pickle.PicklingError)):  # fails mid-write
+        save_checkpoint({"v": torch.tensor(2), "bad": lambda: None}, path)
     assert load_checkpoint(path)["v"].item() == 1
     assert [p.name for p in tmp_path.iterdir()] == ["last.pt"]  # no temporary file left
 

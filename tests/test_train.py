@@ -220,7 +220,7 @@ def test_the_quickstart_runs_the_preset_the_readme_describes():
     (a micro ViT: 4 layers, width 64, 2x2 patches, average pooling; 100 epochs of AdamW with
     warmup-cosine and label smoothing on the digits)."""
     dry_run = subprocess.run(
-        ["make", "-n", "-o", ".venv/.runtime", "quickstart"],
+        ["make", "--no-print-directory", "-n", "-o", ".venv/.runtime", "quickstart"],
         cwd=REPO,
         capture_output=True,
         text=True,

@@ -30,7 +30,7 @@ from vitexp.config import conf_dir
 from vitexp.data import FileSplit, ImageData, Split, carve_validation, make_loader
 from vitexp.errors import ConfigError
 from vitexp.inference import TrainedModel, as_trained, dataset_from_cfg, split_channels
-from vitexp.runtime import autocast_context
+from vitexp.runtime import autocast_context, configure_backends
 from vitexp.training.metrics import evaluate
 from vitexp.viz import save_confusion_png
 
@@ -143,6 +143,7 @@ def evaluate_checkpoint(
     if batch_size <= 0:
         raise ConfigError(f"batch_size={batch_size} must be positive")
     trained = as_trained(checkpoint, device)
+    configure_backends(trained.device)  # TF32 and cuDNN autotuning, as training runs
     checkpoint = trained.path
     config = trained.config
     if data is None:
