@@ -279,7 +279,7 @@ def report(results: dict[str, Any]) -> str:
             + [["epoch", f"{sec['epoch']:.3f}", "100%", f"{sec['epoch'] / results['steps'] * 1e3:.2f}"]],
         ),
         "",
-        f"outside forward/backward/optimizer step: {results['overhead']:.2%} "
+        f"outside the training step (vitexp's train_step, without its data fetch): {results['overhead']:.2%} "
         f"(target < {results['target']:.0%}: {met})",
         f"data per step: median {sec['data_step_median'] * 1e3:.2f} ms, "
         f"max {sec['data_step_max'] * 1e3:.2f} ms",
