@@ -107,7 +107,7 @@ def synchronize(device: torch.device) -> None:
 
 
 def autocast(device: torch.device, precision: str) -> torch.autocast:
-    """The autocast context of a precision name, as vitexp.train builds it."""
+    """The autocast context of a precision name, as vitexp.runtime.autocast_context builds it."""
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
     return torch.autocast(device.type, dtype=dtype, enabled=precision != "fp32")
 
