@@ -171,9 +171,9 @@ def test_bad_settings_are_one_line_errors(cfg_factory, overrides, message):
 
 
 def test_a_required_setting_left_unset_is_named(cfg_factory):
-    cfg = cfg_factory("experiment=cifar10_finetune_vit_b16")
+    cfg = cfg_factory(*FAKE_TINY, "model.pretrained=required")
     with pytest.raises(
-        ConfigError, match=r"this preset fine-tunes pretrained weights: add model.pretrained=PATH"
+        ConfigError, match=r"this preset fine-tunes pretrained weights: add model.pretrained=NAME"
     ):
         train(cfg)
     cfg = cfg_factory(*FAKE_TINY, "model.num_layers=???")

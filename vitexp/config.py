@@ -384,7 +384,8 @@ def validate(cfg: DictConfig) -> list[str]:
     _check_interpolations(cfg)
     if cfg.get("model") is not None and cfg.model.get("pretrained") == "required":
         raise ConfigError(
-            "this preset fine-tunes pretrained weights: add model.pretrained=PATH (e.g. ViT-B_16.npz)"
+            "this preset fine-tunes pretrained weights: add model.pretrained=NAME (e.g. ViT-B_16; "
+            "python -m vitexp.weights lists them), a path, hf-hub:ORG/NAME or a URL"
         )
     fields = [f.name for f in dataclasses.fields(TrainerConfig)]
     for key in cfg.get("trainer") or {}:

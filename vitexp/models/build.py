@@ -28,6 +28,7 @@ from vitexp.models.cvt import CvT
 from vitexp.models.hybrid import HybridVisionTransformer
 from vitexp.models.vit import VisionTransformer
 from vitexp.models.weights import load_pretrained as load_pretrained_weights
+from vitexp.models.weights import resolve_weights
 from vitexp.registry import build_registered
 
 __all__ = [
@@ -105,10 +106,13 @@ def _instantiate_nested(value: Any) -> Any:
 
 def build_model(model_cfg: Mapping[str, Any], *, load_pretrained: bool = True) -> nn.Module:
     """Build the model a user's config describes (`_target_` plus keyword arguments) and, when
-    `pretrained` names a file and `load_pretrained`, import its weights (format detected unless
-    `pretrained_format` names it). Raises ConfigError for a target that cannot be imported or an
-    argument it does not take, before calling anything; the constructor's own ConfigErrors (bad
-    values) pass through, and anything else it raises is a bug and keeps its traceback."""
+    `pretrained` names weights and `load_pretrained`, import them (format detected unless
+    `pretrained_format` names it). `pretrained` is a file, a name, `hf-hub:ORG/NAME` or a URL
+    (`weights.resolve_weights`), downloaded and cached if need be; the model is built first, so
+    a bad value stops the run before a long download. Raises ConfigError for a target that
+    cannot be imported or an argument it does not take, before calling anything; the
+    constructor's own ConfigErrors (bad values) pass through, and anything else it raises is a
+    bug and keeps its traceback."""
     config = _plain_config(model_cfg)
     target = _target(config.get("_target_"))
     kwargs = {key: value for key, value in config.items() if key != "_target_" and key not in LOAD_KEYS}
@@ -119,9 +123,10 @@ def build_model(model_cfg: Mapping[str, Any], *, load_pretrained: bool = True) -
         )
     check_arguments(target, kwargs)
     model = target(**{key: _instantiate_nested(value) for key, value in kwargs.items()})
-    path = config.get("pretrained")
-    if load_pretrained and path:
-        load_pretrained_weights(model, str(path), fmt=str(config.get("pretrained_format") or "auto"))
+    source = config.get("pretrained")
+    if load_pretrained and source:
+        weights = resolve_weights(str(source))
+        load_pretrained_weights(model, weights, fmt=str(config.get("pretrained_format") or "auto"))
     return model
 
 

@@ -1,6 +1,9 @@
 """Importing weights from other layouts (timm, Hugging Face, the official `.npz` files, the
 article's checkpoints, our own) into vitexp's models.
 
+Where the file comes from (a path, a name such as `ViT-B_16`, `hf-hub:ORG/NAME`, a URL) is
+`sources.resolve_weights`'s business: it returns a local file, downloaded and cached if need be.
+
 One entry point: `load_pretrained(model, path, fmt="auto")` reads the file without running code
 (`io`), tells its layout from the key names unless `fmt` names it, converts it to our names with
 the converter of the model's family and that layout (`vit`, `conv`), fits it to the model
@@ -31,6 +34,7 @@ from vitexp.models.weights import conv, vit
 from vitexp.models.weights.adapt import adapt_to_model, check_state_dict_fits, resample_position_embeddings
 from vitexp.models.weights.io import read_weights
 from vitexp.models.weights.keys import Converter, Markers, detect_layout, first_keys
+from vitexp.models.weights.sources import resolve_weights
 
 __all__ = [
     "FAMILIES",
@@ -41,6 +45,7 @@ __all__ = [
     "load_pretrained",
     "read_weights",
     "resample_position_embeddings",
+    "resolve_weights",
 ]
 
 logger = logging.getLogger(__name__)
