@@ -10,7 +10,7 @@ import torch
 from torch import Tensor
 
 from vitexp.data.datasets import DatasetNotFound, FileSplit, ImageData
-from vitexp.data.images import UnreadableImage, load_image
+from vitexp.data.images import UnreadableImage
 from vitexp.errors import ConfigError, DataError
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".pgm", ".tif", ".tiff", ".webp")
@@ -77,9 +77,9 @@ def load_imagefolder(
 
 
 class _DecodedFiles(torch.utils.data.Dataset):
-    """Decodes one file with `load_image` to a uint8 (C, H, W) tensor at the split's size. A
-    file that cannot be read yields its error instead of raising, so the main process can
-    name it in one line (or skip it)."""
+    """Decodes one item (`FileSplit.load`: a file, through `load_image`) to a uint8 (C, H, W)
+    tensor at the split's size. An item that cannot be read yields its error instead of
+    raising, so the main process can name it in one line (or skip it)."""
 
     def __init__(self, split: FileSplit) -> None:
         self.split = split
@@ -88,14 +88,12 @@ class _DecodedFiles(torch.utils.data.Dataset):
         return len(self.split)
 
     def __getitem__(self, index: int) -> tuple[Tensor | None, int, str, str | None]:
-        path, label = self.split.paths[index], int(self.split.labels[index])
-        if not Path(path).is_file():  # listed at start-up, gone since
-            return None, label, path, "the file no longer exists"
+        label = int(self.split.labels[index])
         try:
-            image = load_image(path, self.split.in_channels, self.split.image_size)
+            image = self.split.load(index)
         except UnreadableImage as e:
-            return None, label, path, e.reason
-        return image, label, path, None
+            return None, label, self.split.where(index), e.reason
+        return image, label, self.split.where(index), None
 
 
 def _collate_decoded(items: list) -> tuple[Tensor, Tensor, list[tuple[str, str]]]:
