@@ -527,3 +527,22 @@ def test_sigkill_under_ddp_and_resume_replays_the_stream_exactly(source, numbere
     assert [(r["step"], r["train/loss"]) for r in rows(run_dir) if "train/loss" in r] == [
         (r["step"], r["train/loss"]) for r in rows(reference) if "train/loss" in r
     ]
+
+
+def test_the_decode_benchmark_reports_both_decoders(cifar_root, tmp_path):
+    import subprocess
+    import sys
+
+    from tests.helpers import REPO
+
+    out = tmp_path / "decode.json"
+    result = subprocess.run(
+        [sys.executable, "benchmarks/decode.py", "--quick", "--workers", "1", "--root", str(cifar_root),
+         "--json", str(out)],
+        cwd=REPO, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "| workers | decoder" in result.stdout and "machine:" in result.stdout
+    results = json.loads(out.read_text())["results"]
+    assert set(results) == {"pil/1", "torchvision/1", "torchvision-batch/1"}
+    assert all(r["images_per_s"] > 0 for r in results.values())

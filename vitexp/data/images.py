@@ -129,8 +129,10 @@ def _to_channels(image: Tensor, channels: int) -> Tensor | None:
 
 def _jpeg_fast(data: Tensor, channels: int) -> Tensor | None:
     """`decode_jpeg` of one JPEG on the CPU, or None when it must go to Pillow."""
-    from torchvision.io import decode_jpeg
-
+    try:
+        from torchvision.io import decode_jpeg
+    except ImportError:  # a torchvision without its image decoders (deprecated since 0.29)
+        return None
     try:
         image = decode_jpeg(data, apply_exif_orientation=True)
     except RuntimeError:  # libjpeg's refusal (truncated, corrupt, 12-bit): Pillow names it
