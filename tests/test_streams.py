@@ -546,3 +546,49 @@ def test_the_decode_benchmark_reports_both_decoders(cifar_root, tmp_path):
     results = json.loads(out.read_text())["results"]
     assert set(results) == {"pil/1", "torchvision/1", "torchvision-batch/1"}
     assert all(r["images_per_s"] > 0 for r in results.values())
+
+
+def test_jpegs_left_for_the_training_device_decode_to_the_same_batches(cifar, tmp_path, caplog):
+    """decode_on="device": workers hand over JPEG bytes and the training process decodes each
+    batch with one decode_jpegs call (nvJPEG on a GPU; here the CPU, where the pixels are the
+    workers' own). Image folders and shards alike; a corrupt JPEG is still named, or skipped."""
+    from vitexp.data import ImageData, load_imagefolder
+
+    train_part = Split(cifar.train.images[:40], cifar.train.labels[:40])
+    small = ImageData(train_part, Split(cifar.test.images[:30], cifar.test.labels[:30]), cifar.classes)
+    write_shards(small, tmp_path / "shards", shard_size=16, fmt="jpg", quality=80)
+    for label in range(2):
+        (tmp_path / "folder" / "train" / f"c{label}").mkdir(parents=True)
+        (tmp_path / "folder" / "val" / f"c{label}").mkdir(parents=True)
+    for i, x in enumerate(cifar.test.images[:20]):
+        img = Image.fromarray(x.permute(1, 2, 0).numpy())
+        img.save(tmp_path / "folder" / "train" / f"c{i % 2}" / f"{i}.jpg", quality=85)
+        img.save(tmp_path / "folder" / "val" / f"c{i % 2}" / f"{i}.png")  # PNGs stay with the workers
+    (tmp_path / "folder" / "train" / "c1" / "99.jpg").write_bytes(b"\xff\xd8\xff\xe0 broken")
+    shards = load_wds(str(tmp_path / "shards" / "train.json"), str(tmp_path / "shards" / "test.json"),
+                      image_size=24, shuffle_buffer=8)  # fmt: skip
+    folder = load_imagefolder(tmp_path / "folder", image_size=24, on_error="skip")
+    transform = BatchTransform(img_size=24, mean=[0.5] * 3, std=[0.25] * 3, rrc_scale=[0.5, 1.0], hflip=True)
+    for split in (shards.train, shards.test, folder.train, folder.test):
+        runs = []
+        for decode_on in ("workers", "device"):
+            generators = {"generator": torch.Generator().manual_seed(0),
+                          "augment_generator": torch.Generator().manual_seed(1)}  # fmt: skip
+            ld = make_loader(split, batch_size=8, transform=transform, train=True, device=CPU,
+                             num_workers=1, decode_on=decode_on, **generators)  # fmt: skip
+            assert ld.defer_jpegs == (decode_on == "device")
+            with caplog.at_level(logging.WARNING, logger="vitexp.data"):
+                runs.append(list(ld))
+            ld.close()
+        assert len(runs[0]) == len(runs[1]) > 0
+        for (x, y), (rx, ry) in zip(*runs, strict=True):
+            assert torch.equal(y, ry) and torch.equal(x, rx)
+    assert "99.jpg" in caplog.text  # skipped in both modes
+    strict = load_imagefolder(tmp_path / "folder", image_size=24)
+    ld = make_loader(
+        strict.train, batch_size=21, transform=transform, train=False, device=CPU, decode_on="device"
+    )
+    with pytest.raises(DataError, match=r"cannot read image .*99.jpg \(.*\); fix or remove it"):
+        list(ld)
+    with pytest.raises(ConfigError, match=r"decode_on='gpu' is not one of workers, device, auto"):
+        make_loader(strict.train, batch_size=4, transform=transform, train=False, device=CPU, decode_on="gpu")

@@ -77,6 +77,16 @@ class FileSplit:
             raise UnreadableImage(path, "the file no longer exists")
         return load_image(path, self.in_channels, self.image_size)
 
+    def read(self, index: int) -> bytes:
+        """Item `index` still encoded: the file's bytes; UnreadableImage when it cannot be read."""
+        path = Path(self.paths[index])
+        try:
+            return path.read_bytes()
+        except FileNotFoundError as e:  # listed at start-up, gone since
+            raise UnreadableImage(path, "the file no longer exists") from e
+        except OSError as e:
+            raise UnreadableImage(path, f"{type(e).__name__}: {e.strerror or e}") from e
+
     def load_many(self, indices: list[int]) -> Tensor:
         """`load` of each index, as one uint8 batch."""
         return torch.stack([self.load(i) for i in indices])

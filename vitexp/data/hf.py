@@ -75,10 +75,11 @@ class HFSplit(FileSplit):
     def where(self, index: int) -> str:
         return f"{self.name} row {index}"
 
+    def read(self, index: int) -> bytes:
+        return _image_bytes(self.rows[index][self.image_column], self.where(index))
+
     def load(self, index: int) -> Tensor:
-        where = self.where(index)
-        data = _image_bytes(self.rows[index][self.image_column], where)
-        return load_image_bytes(data, self.in_channels, self.image_size, where)
+        return load_image_bytes(self.read(index), self.in_channels, self.image_size, self.where(index))
 
     def check(self, num_classes: int, where: str) -> None:
         check_labels(self.labels, len(self.rows), num_classes, where)

@@ -24,7 +24,7 @@ from __future__ import annotations
 import io
 from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import IO
+from typing import IO, NamedTuple
 
 import numpy as np
 import torch
@@ -248,6 +248,47 @@ def fit_image(image: Tensor, size: Sequence[int]) -> Tensor:
 def load_image_bytes(data: bytes, channels: int, size: Sequence[int], name: str | Path) -> Tensor:
     """`load_image` for an encoded image held as bytes: `decode_image`, then `fit_image`."""
     return fit_image(decode_image(data, channels, name), size)
+
+
+class Encoded(NamedTuple):
+    """A JPEG a loader worker read but left encoded, for the training process to decode on its
+    device (`decode_deferred`); `where` names it in messages."""
+
+    data: Tensor  # uint8, the file's bytes
+    where: str
+
+
+def defer_or_load(data: bytes, channels: int, size: Sequence[int], where: str) -> Tensor | Encoded:
+    """A JPEG left encoded (`Encoded`), anything else decoded now by `load_image_bytes`."""
+    if is_jpeg(data):
+        return Encoded(_as_tensor(data), where)
+    return load_image_bytes(data, channels, size, where)
+
+
+def decode_deferred(
+    items: Sequence[Tensor | Encoded], channels: int, size: Sequence[int], device: torch.device
+) -> tuple[list[Tensor | None], list[tuple[str, str]]]:
+    """Finish a batch on `device`: its `Encoded` JPEGs by one `decode_jpegs` call there (nvJPEG
+    on a CUDA device) and `fit_image`, the decoded items moved as they are. Returns the images
+    (None where one cannot be read: Pillow decides, and names it) and the failures (where, why)."""
+    encoded = [item for item in items if isinstance(item, Encoded)]
+    decoded = iter(decode_jpegs([item.data for item in encoded], channels, device))
+    out: list[Tensor | None] = []
+    failures: list[tuple[str, str]] = []
+    for item in items:
+        if not isinstance(item, Encoded):
+            out.append(item.to(device))
+            continue
+        image = next(decoded)
+        if image is None:  # CMYK, or a file nvJPEG/libjpeg rejects: Pillow on the CPU
+            try:
+                image = decode_image(bytes(item.data.cpu().numpy()), channels, item.where).to(device)
+            except UnreadableImage as e:
+                failures.append((item.where, e.reason))
+                out.append(None)
+                continue
+        out.append(fit_image(image, size))
+    return out, failures
 
 
 def load_images(paths: Iterable[str | Path], channels: int, size: Sequence[int]) -> Tensor:

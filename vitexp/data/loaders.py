@@ -15,6 +15,7 @@ from torch import Tensor
 
 from vitexp.data.datasets import FileSplit, Split
 from vitexp.data.folders import _collate_decoded, _DecodedFiles
+from vitexp.data.images import decode_deferred
 from vitexp.data.streams import StreamBatches, StreamSplit, plan_epoch
 from vitexp.data.transforms import BatchTransform
 from vitexp.errors import ConfigError, DataError
@@ -143,11 +144,22 @@ class FolderLoader(_Loader):
     iteration started while another is still open gets a DataLoader of its own."""
 
     def __init__(
-        self, split: FileSplit, *, num_workers: int = 0, persistent_workers: bool = True, **kwargs: Any
+        self,
+        split: FileSplit,
+        *,
+        num_workers: int = 0,
+        persistent_workers: bool = True,
+        decode_on: str = "workers",
+        **kwargs: Any,
     ) -> None:
         super().__init__(len(split), **kwargs)
         if num_workers < 0:
             raise ConfigError(f"dataset.num_workers={num_workers} must be 0 or more")
+        if decode_on not in DECODE_ON:
+            raise ConfigError(f"decode_on={decode_on!r} is not one of {', '.join(DECODE_ON)}")
+        # "device": the workers read JPEGs and the training process decodes each batch's on its
+        # device (nvJPEG on a GPU); "auto" does so on CUDA devices.
+        self.defer_jpegs = decode_on == "device" or (decode_on == "auto" and self.device.type == "cuda")
         self.split = split
         self.num_workers = num_workers
         self.persistent_workers = persistent_workers and num_workers > 0
@@ -157,7 +169,7 @@ class FolderLoader(_Loader):
         self._owner: object | None = None  # the iteration now using self._loader
 
     def _dataset(self) -> torch.utils.data.Dataset:
-        return _DecodedFiles(self.split)
+        return _DecodedFiles(self.split, self.defer_jpegs)
 
     def _collate(self, items: list) -> Any:
         return _collate_decoded(items)
@@ -213,8 +225,22 @@ class FolderLoader(_Loader):
     def _failure(self, where: str, error: str) -> str:
         return f"cannot read image {where} ({error}); fix or remove it, or set dataset.on_error=skip"
 
+    def _decode_deferred(self, images: list, labels: Tensor) -> tuple[Tensor, Tensor, list[tuple[str, str]]]:
+        """A batch whose JPEGs the workers left encoded, decoded on the training device."""
+        decoded, failures = decode_deferred(
+            images, self.split.in_channels, self.split.image_size, self.device
+        )
+        keep = [i for i, image in enumerate(decoded) if image is not None]
+        good = [image for image in decoded if image is not None]
+        if not good:
+            return torch.empty(0, dtype=torch.uint8, device=self.device), labels[:0], failures
+        return torch.stack(good), labels[torch.tensor(keep, dtype=torch.long)], failures
+
     def _serve(self, loader: torch.utils.data.DataLoader) -> Iterator[tuple[Tensor, Tensor]]:
         for images, labels, failures in loader:
+            if isinstance(images, list):
+                images, labels, late = self._decode_deferred(images, labels)
+                failures = [*failures, *late]
             for path, error in failures:
                 if self.split.on_error != "skip":
                     raise DataError(self._failure(path, error))
@@ -231,6 +257,9 @@ class FolderLoader(_Loader):
                 images.to(self.device, non_blocking=non_blocking),
                 labels.to(self.device, non_blocking=non_blocking),
             )
+
+
+DECODE_ON = ("workers", "device", "auto")
 
 
 def _single(items: list) -> Any:
@@ -287,7 +316,7 @@ class StreamLoader(FolderLoader):
         return self.num_workers if slots == self.slots else slots
 
     def _dataset(self) -> torch.utils.data.Dataset:
-        return StreamBatches(self.split)
+        return StreamBatches(self.split, self.defer_jpegs)
 
     def _collate(self, items: list) -> Any:
         return _single(items)
@@ -319,11 +348,14 @@ def make_loader(
     persistent_workers: bool = True,
     rank: int = 0,
     world_size: int = 1,
+    decode_on: str = "workers",
 ) -> DeviceLoader | FolderLoader:
     """The loader that fits the split: in-memory splits move to the device once; file splits
     (and indexed datasets) are decoded by DataLoader workers (kept alive across epochs with
     `persistent_workers`); stream splits are read in planned slots by the same workers.
-    `rank`/`world_size` select a data-parallel shard."""
+    `rank`/`world_size` select a data-parallel shard. `decode_on="device"` (or "auto" on a CUDA
+    device) has the workers leave JPEGs encoded and decodes each batch's on the training device
+    (`vitexp.data.images.decode_deferred`); "workers" (the default) decodes everything there."""
     common = {
         "batch_size": batch_size,
         "transform": transform,
@@ -335,10 +367,12 @@ def make_loader(
     }
     if isinstance(split, StreamSplit):
         return StreamLoader(
-            split, device=device, num_workers=num_workers, persistent_workers=persistent_workers, **common
-        )
+            split, device=device, num_workers=num_workers, persistent_workers=persistent_workers,
+            decode_on=decode_on, **common,
+        )  # fmt: skip
     if isinstance(split, FileSplit):
         return FolderLoader(
-            split, device=device, num_workers=num_workers, persistent_workers=persistent_workers, **common
-        )
+            split, device=device, num_workers=num_workers, persistent_workers=persistent_workers,
+            decode_on=decode_on, **common,
+        )  # fmt: skip
     return DeviceLoader(split.to(device), **common)

@@ -43,7 +43,7 @@ import torch
 from torch import Tensor
 
 from vitexp.data.datasets import FileSplit
-from vitexp.data.images import UnreadableImage, load_image_bytes
+from vitexp.data.images import Encoded, UnreadableImage, defer_or_load, load_image_bytes
 from vitexp.errors import ConfigError, DataError
 
 
@@ -126,8 +126,11 @@ class StreamSplit(FileSplit):
             f"{self.source} are read in order, not by index; give image=FILE instead of index=N"
         )
 
-    def decode(self, raw: RawSample) -> tuple[Tensor | None, int, str, str | None]:
-        """(image, label, where, None), or (None, -1, where, why) for an unusable sample."""
+    def decode(
+        self, raw: RawSample, defer_jpegs: bool = False
+    ) -> tuple[Tensor | Encoded | None, int, str, str | None]:
+        """(image, label, where, None), or (None, -1, where, why) for an unusable sample; with
+        `defer_jpegs` a JPEG stays `Encoded` for the training device."""
         if raw.error is not None:
             return None, -1, raw.where, raw.error
         if raw.image is None or raw.label is None:
@@ -136,6 +139,13 @@ class StreamSplit(FileSplit):
         if self.num_classes is not None and not 0 <= raw.label < self.num_classes:
             return None, -1, raw.where, f"its label {raw.label} is outside the {self.num_classes} classes"
         try:
+            if defer_jpegs:
+                return (
+                    defer_or_load(raw.image, self.in_channels, self.image_size, raw.where),
+                    raw.label,
+                    raw.where,
+                    None,
+                )
             image = load_image_bytes(raw.image, self.in_channels, self.image_size, raw.where)
         except UnreadableImage as e:
             return None, -1, raw.where, e.reason
@@ -144,11 +154,12 @@ class StreamSplit(FileSplit):
     def head(self, count: int) -> tuple[Tensor, Tensor]:
         """The first `count` usable samples in stored order (for a figure), decoded at the
         split's size, and their labels."""
-        images, labels = [], []
+        images: list[Tensor] = []
+        labels: list[int] = []
         for index in range(len(self.shards)):
             for raw in read_segment(self, index, 0, self.shards[index].samples):
                 image, label, _, _ = self.decode(raw)
-                if image is not None:
+                if isinstance(image, Tensor):
                     images.append(image)
                     labels.append(label)
                 if len(images) == count:
@@ -324,17 +335,18 @@ class StreamBatches(torch.utils.data.Dataset):
     failures) of a `SlotTask`, read on from where the worker's last task left off when it is
     the next batch of the same slot (the usual case), else from the start of its window."""
 
-    def __init__(self, split: StreamSplit) -> None:
+    def __init__(self, split: StreamSplit, defer_jpegs: bool = False) -> None:
         self.split = split
+        self.defer_jpegs = defer_jpegs
         self._cursor: _Cursor | None = None
 
     def __len__(self) -> int:
         return len(self.split)
 
-    def __getitem__(self, task: Any) -> tuple[Tensor, Tensor, list[tuple[str, str]]]:
+    def __getitem__(self, task: Any) -> tuple[Tensor | list, Tensor, list[tuple[str, str]]]:
         from vitexp.data.folders import _collate_decoded
 
         cursor = self._cursor
         if cursor is None or cursor.key != task.key or cursor.next_batch != task.batch:
             cursor = self._cursor = _Cursor(self.split, task)
-        return _collate_decoded([self.split.decode(raw) for raw in cursor.batch()])
+        return _collate_decoded([self.split.decode(raw, self.defer_jpegs) for raw in cursor.batch()])
