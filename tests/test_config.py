@@ -42,7 +42,47 @@ def test_defaults_compose_and_resolve():
 
 
 # Options with settings that have no default (marked ???) and must be given.
-REQUIRED = {"imagefolder": ["dataset.root=/data/images", "dataset.num_classes=2"]}
+REQUIRED = {
+    "imagefolder": ["dataset.root=/data/images", "dataset.num_classes=2"],
+    "hf": ["dataset.path=/data/hf", "dataset.num_classes=10"],
+    "wds": [
+        "dataset.train_shards=/data/train.json",
+        "dataset.test_shards=/data/test.json",
+        "dataset.num_classes=10",
+    ],
+}
+
+
+def _converted(option: str, cifar_root, tmp_path) -> list[str]:
+    """The CIFAR subset as shards or as a Hugging Face dataset on disk, for dataset=wds|hf."""
+    from vitexp.data import load_cifar10
+
+    pytest.importorskip("datasets" if option == "hf" else "webdataset")
+    cifar = load_cifar10(cifar_root, download=False)
+    if option == "wds":
+        from vitexp.shards import write_shards
+
+        write_shards(cifar, tmp_path / "shards", shard_size=2000)
+        return [
+            f"dataset.train_shards={tmp_path}/shards/train.json",
+            f"dataset.test_shards={tmp_path}/shards/test.json",
+        ]
+    import datasets
+
+    tables = {
+        name: datasets.Dataset.from_dict(
+            {
+                "image": [x.permute(1, 2, 0).numpy() for x in split.images[:40]],
+                "label": split.labels[:40].tolist(),
+            },
+            features=datasets.Features(
+                {"image": datasets.Image(), "label": datasets.ClassLabel(num_classes=10)}
+            ),
+        )
+        for name, split in (("train", cifar.train), ("test", cifar.test))
+    }
+    datasets.DatasetDict(tables).save_to_disk(str(tmp_path / "hf"))
+    return [f"dataset.path={tmp_path}/hf"]
 
 
 @pytest.mark.parametrize(("group", "option"), [(g, o) for g in GROUPS for o in options(g)])
@@ -59,6 +99,8 @@ def test_every_dataset_config_instantiates(option, cifar_root, tmp_path):
         pytest.skip("CIFAR-100 is not available offline; its loader is tested with a simulated download")
     root = {"cifar10": cifar_root, "imagefolder": _image_folder(tmp_path / "images")}.get(option)
     overrides = [f"dataset={option}", *REQUIRED.get(option, [])] + ([f"dataset.root={root}"] if root else [])
+    if option in ("hf", "wds"):
+        overrides += _converted(option, cifar_root, tmp_path)
     cfg = compose_cfg(overrides)
     data = instantiate(cfg.dataset.load)
     assert data.num_classes == cfg.dataset.num_classes

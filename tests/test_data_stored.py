@@ -77,7 +77,8 @@ def test_the_messages_say_what_was_refused(tmp_path, victim):
     configs = hostile_configs(tmp_path / "marker", victim)
     expected = {
         "touch": r"names _target_='pathlib.Path.touch', which is not one of vitexp's own dataset.load "
-        r"constructors \(load_cifar10, load_cifar100, load_digits, load_fake, load_imagefolder\); refused",
+        r"constructors \(load_cifar10, load_cifar100, load_digits, load_fake, load_hf, load_imagefolder, "
+        r"load_wds\); refused",
         "hidden_in_an_argument": r"dataset.load.num_train._target_: a nested Hydra directive",
         "hidden_in_a_list": r"dataset.load.image_size\[1\]._target_: a nested Hydra directive",
         "positional_arguments": r"a key '_args_' that vitexp never writes",

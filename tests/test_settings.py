@@ -67,6 +67,16 @@ BAD = [
         "dataset.num_workers=-1 must not be negative, or null for min(4, CPU cores)",
     ),
     (
+        [
+            "dataset=wds",
+            "dataset.train_shards=a.json",
+            "dataset.test_shards=b.json",
+            "dataset.num_classes=2",
+            "dataset.shuffle_buffer=2.5",
+        ],
+        "dataset.shuffle_buffer=2.5 must be an integer",
+    ),
+    (
         ["dataset=imagefolder", "dataset.root=x", "dataset.num_classes=2", "dataset.on_error=ignore"],
         "dataset.on_error='ignore' is not one of fail, skip",
     ),

@@ -83,7 +83,7 @@ def attention_figure(
         if bad:
             raise ConfigError(f"index={bad[0]} is out of range: the {split} split has {len(chosen)} images")
         if isinstance(chosen, FileSplit):
-            pictures = load_images([chosen.paths[i] for i in indices], trained.in_channels, trained.img_size)
+            pictures = chosen.load_many(list(indices))
         else:
             pictures = chosen.images[torch.tensor(list(indices), dtype=torch.long)]
         labels = chosen.labels[torch.tensor(list(indices), dtype=torch.long)]

@@ -301,6 +301,9 @@ RANGES: dict[str, Domain] = {
     "dataset.num_workers": Domain(
         "[0, inf)", "must not be negative, or null for min(4, CPU cores)", True, True
     ),
+    "dataset.shuffle_buffer": Domain(
+        "[0, inf)", "must not be negative (training samples shuffled in windows of this many; 0: none)", True
+    ),
     "seed": Domain("[0, inf)", "must not be negative", integer=True),
 }
 
@@ -422,6 +425,7 @@ def validate(cfg: DictConfig) -> list[str]:
             hint = closest(str(value), choices)
             also = f"; did you mean {hint}?" if hint else ""
             raise ConfigError(f"{key}={_show(value)} is not one of {', '.join(choices)}{also}")
+    _check_streams(get)
     device = get("trainer.device")
     if device is not _ABSENT and not (isinstance(device, str) and _DEVICE.fullmatch(device)):
         raise ConfigError(
@@ -435,6 +439,33 @@ def validate(cfg: DictConfig) -> list[str]:
             f"path of a checkpoint"
         )
     return _warnings(get)
+
+
+STREAMED_LOADERS = ("vitexp.data.load_wds", "vitexp.data.wds.load_wds")
+
+
+def _check_streams(get: Callable[[str], Any]) -> None:
+    """Settings of the shard and Hugging Face sources that cannot work together."""
+    for key in ("dataset.streaming", "dataset.in_memory"):
+        value = get(key)
+        if value is not _ABSENT and not (
+            isinstance(value, bool) or (value is None and key.endswith("memory"))
+        ):
+            also = ", or null to decide by size" if key.endswith("memory") else ""
+            raise ConfigError(f"{key}={_show(value)} must be true or false{also}")
+    streamed = get("dataset.load._target_") in STREAMED_LOADERS or get("dataset.streaming") is True
+    val_split = get("dataset.val_split")
+    if streamed and val_split not in (None, 0, 0.0, _ABSENT):
+        raise ConfigError(
+            f"dataset.val_split={val_split}: a streamed dataset cannot hold out random training samples; "
+            f"set dataset.val_split=0 (it is evaluated on its test split)"
+        )
+    for key in ("dataset.train_shards", "dataset.test_shards"):
+        value = get(key)
+        if value is not _ABSENT and not (isinstance(value, str) and value) and not OmegaConf.is_list(value):
+            raise ConfigError(
+                f"{key}={_show(value)} must be a brace pattern, a list of shards or a .json index"
+            )
 
 
 def _warnings(get: Callable[[str], Any]) -> list[str]:

@@ -27,7 +27,8 @@ import torch
 from matplotlib.figure import Figure
 from torch import Tensor, nn
 
-from vitexp.data import BatchTransform, FileSplit, Split, load_images
+from vitexp.data import BatchTransform, FileSplit, Split
+from vitexp.data.streams import StreamSplit
 from vitexp.data.transforms import eval_batches
 from vitexp.errors import ConfigError
 from vitexp.models import VisionTransformer
@@ -211,7 +212,9 @@ def sample_images(split: Split | FileSplit, count: int = 8) -> tuple[Tensor | li
     """A fixed, label-diverse set of images for a train-end grid: the first image of each
     class in index order, then the next unused images, up to `count`. Returns uint8 images
     (a batch; for an image folder, its files read by `load_image` at the split's size, as
-    training reads them) and their labels."""
+    training reads them) and their labels; for a streamed split, its first `count` samples."""
+    if isinstance(split, StreamSplit):
+        return split.head(count)
     labels = split.labels.cpu()
     chosen: list[int] = []
     for cls in labels.unique(sorted=True).tolist():
@@ -223,8 +226,7 @@ def sample_images(split: Split | FileSplit, count: int = 8) -> tuple[Tensor | li
     chosen.sort()
     idx = torch.tensor(chosen, dtype=torch.long)
     if isinstance(split, FileSplit):
-        pictures = load_images([split.paths[i] for i in chosen], split.in_channels, split.image_size)
-        return pictures, labels[idx]
+        return split.load_many(chosen), labels[idx]
     return split.images[idx.to(split.images.device)], split.labels[idx.to(split.labels.device)]
 
 

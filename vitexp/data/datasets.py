@@ -1,5 +1,7 @@
 """What a dataset is in vitexp: uint8 splits held in memory (`Split`), lists of image files
-decoded while training (`FileSplit`), and the two together with class names (`ImageData`);
+decoded while training (`FileSplit`, and its kinds for other sources: rows of a Hugging Face
+dataset, `vitexp.data.hf.HFSplit`; shards read in order, `vitexp.data.streams.StreamSplit`),
+and the two together with class names (`ImageData`);
 plus the small offline datasets (scikit-learn's digits, random images) and the held-out
 validation split.
 
@@ -18,6 +20,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from vitexp.data.images import UnreadableImage, load_image
 from vitexp.errors import ConfigError, DataError
 
 
@@ -48,7 +51,10 @@ class Split:
 
 @dataclass
 class FileSplit:
-    """Image files too many to hold in memory: decoded batch by batch to `image_size`."""
+    """Image files too many to hold in memory: decoded batch by batch to `image_size`.
+
+    Subclasses read other sources by index (`where`, `load`) and check themselves (`check`);
+    DataLoader workers call `load(index)` in any order."""
 
     paths: list[str]
     labels: Tensor  # int64, (N,)
@@ -58,6 +64,38 @@ class FileSplit:
 
     def __len__(self) -> int:
         return len(self.labels)
+
+    def where(self, index: int) -> str:
+        """Names item `index` in messages: its path."""
+        return self.paths[index]
+
+    def load(self, index: int) -> Tensor:
+        """Item `index` as the model is fed it (uint8, in_channels × image_size), by the one
+        image decoder; UnreadableImage when it cannot be read."""
+        path = self.paths[index]
+        if not Path(path).is_file():  # listed at start-up, gone since
+            raise UnreadableImage(path, "the file no longer exists")
+        return load_image(path, self.in_channels, self.image_size)
+
+    def read(self, index: int) -> bytes:
+        """Item `index` still encoded: the file's bytes; UnreadableImage when it cannot be read."""
+        path = Path(self.paths[index])
+        try:
+            return path.read_bytes()
+        except FileNotFoundError as e:  # listed at start-up, gone since
+            raise UnreadableImage(path, "the file no longer exists") from e
+        except OSError as e:
+            raise UnreadableImage(path, f"{type(e).__name__}: {e.strerror or e}") from e
+
+    def load_many(self, indices: list[int]) -> Tensor:
+        """`load` of each index, as one uint8 batch."""
+        return torch.stack([self.load(i) for i in indices])
+
+    def check(self, num_classes: int, where: str) -> None:
+        """Raise DataError (naming `where`) unless the split is usable with `num_classes`."""
+        if not isinstance(self.paths, list) or not all(isinstance(p, str) for p in self.paths):
+            raise DataError(f"{where}: the file list must be a list of paths (str)")
+        check_labels(self.labels, len(self.paths), num_classes, where)
 
     def subset(self, idx: Tensor) -> FileSplit:
         keep = idx.tolist()
@@ -92,10 +130,9 @@ def check_split(split: Split | FileSplit, num_classes: int, where: str) -> None:
     """A split vitexp can train on: uint8 images (N, C, H, W) or a list of files, with
     labels that `check_labels` accepts. Raises DataError naming `where`."""
     if isinstance(split, FileSplit):
-        if not isinstance(split.paths, list) or not all(isinstance(p, str) for p in split.paths):
-            raise DataError(f"{where}: the file list must be a list of paths (str)")
-        count = len(split.paths)
-    elif isinstance(split, Split):
+        split.check(num_classes, where)
+        return
+    if isinstance(split, Split):
         images = split.images
         if not isinstance(images, Tensor) or images.dtype != torch.uint8 or images.ndim != 4:
             kind = (

@@ -10,7 +10,7 @@ import torch
 from torch import Tensor
 
 from vitexp.data.datasets import DatasetNotFound, FileSplit, ImageData
-from vitexp.data.images import UnreadableImage, load_image
+from vitexp.data.images import Encoded, UnreadableImage, defer_or_load
 from vitexp.errors import ConfigError, DataError
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".pgm", ".tif", ".tiff", ".webp")
@@ -77,30 +77,39 @@ def load_imagefolder(
 
 
 class _DecodedFiles(torch.utils.data.Dataset):
-    """Decodes one file with `load_image` to a uint8 (C, H, W) tensor at the split's size. A
-    file that cannot be read yields its error instead of raising, so the main process can
-    name it in one line (or skip it)."""
+    """Decodes one item (`FileSplit.load`: a file, through `load_image`) to a uint8 (C, H, W)
+    tensor at the split's size. An item that cannot be read yields its error instead of
+    raising, so the main process can name it in one line (or skip it)."""
 
-    def __init__(self, split: FileSplit) -> None:
+    def __init__(self, split: FileSplit, defer_jpegs: bool = False) -> None:
         self.split = split
+        self.defer_jpegs = defer_jpegs  # leave JPEGs encoded for the training device (Encoded)
 
     def __len__(self) -> int:
         return len(self.split)
 
-    def __getitem__(self, index: int) -> tuple[Tensor | None, int, str, str | None]:
-        path, label = self.split.paths[index], int(self.split.labels[index])
-        if not Path(path).is_file():  # listed at start-up, gone since
-            return None, label, path, "the file no longer exists"
+    def __getitem__(self, index: int) -> tuple[Tensor | Encoded | None, int, str, str | None]:
+        split, label = self.split, int(self.split.labels[index])
         try:
-            image = load_image(path, self.split.in_channels, self.split.image_size)
+            if self.defer_jpegs:
+                data = split.read(index)
+                image = defer_or_load(data, split.in_channels, split.image_size, split.where(index))
+            else:
+                image = split.load(index)
         except UnreadableImage as e:
-            return None, label, path, e.reason
-        return image, label, path, None
+            return None, label, split.where(index), e.reason
+        return image, label, split.where(index), None
 
 
-def _collate_decoded(items: list) -> tuple[Tensor, Tensor, list[tuple[str, str]]]:
+def _collate_decoded(items: list) -> tuple[Tensor | list, Tensor, list[tuple[str, str]]]:
+    """(images, labels, failures) of a batch: the images stacked, or as a list when some are
+    still `Encoded` (the training process decodes those)."""
     good = [(image, label) for image, label, _, error in items if error is None]
     failures = [(path, error) for _, _, path, error in items if error is not None]
     if not good:
         return torch.empty(0, dtype=torch.uint8), torch.empty(0, dtype=torch.long), failures
-    return torch.stack([g[0] for g in good]), torch.tensor([g[1] for g in good]), failures
+    images = [g[0] for g in good]
+    labels = torch.tensor([g[1] for g in good])
+    if any(isinstance(image, Encoded) for image in images):
+        return images, labels, failures
+    return torch.stack(images), labels, failures

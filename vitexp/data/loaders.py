@@ -1,5 +1,6 @@
-"""Batches in a replayable order: in-memory splits indexed on the device, image folders
-streamed through DataLoader workers; both sharded over data-parallel ranks."""
+"""Batches in a replayable order: in-memory splits indexed on the device, image folders and
+indexed datasets decoded by DataLoader workers, shards read as streams (`vitexp.data.streams`);
+all sharded over data-parallel ranks."""
 
 from __future__ import annotations
 
@@ -14,6 +15,8 @@ from torch import Tensor
 
 from vitexp.data.datasets import FileSplit, Split
 from vitexp.data.folders import _collate_decoded, _DecodedFiles
+from vitexp.data.images import decode_deferred
+from vitexp.data.streams import StreamBatches, StreamSplit, plan_epoch
 from vitexp.data.transforms import BatchTransform
 from vitexp.errors import ConfigError, DataError
 
@@ -93,6 +96,14 @@ class _Loader(abc.ABC):
     def close(self) -> None:  # noqa: B027 (a hook: most loaders hold nothing to release)
         """Release what the loader holds beyond its split (worker processes); nothing here."""
 
+    def state_dict(self) -> dict[str, Any]:
+        """What a checkpoint must hold, beyond the epoch's order and step, to replay the epoch
+        in progress: nothing for loaders whose batches are cut from the order alone."""
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:  # noqa: B027 (a hook, as state_dict)
+        """Restore what `state_dict` returned."""
+
 
 class DeviceLoader(_Loader):
     """Batches of a `Split` held on the training device: indexing replaces data loading."""
@@ -133,11 +144,22 @@ class FolderLoader(_Loader):
     iteration started while another is still open gets a DataLoader of its own."""
 
     def __init__(
-        self, split: FileSplit, *, num_workers: int = 0, persistent_workers: bool = True, **kwargs: Any
+        self,
+        split: FileSplit,
+        *,
+        num_workers: int = 0,
+        persistent_workers: bool = True,
+        decode_on: str = "workers",
+        **kwargs: Any,
     ) -> None:
         super().__init__(len(split), **kwargs)
         if num_workers < 0:
             raise ConfigError(f"dataset.num_workers={num_workers} must be 0 or more")
+        if decode_on not in DECODE_ON:
+            raise ConfigError(f"decode_on={decode_on!r} is not one of {', '.join(DECODE_ON)}")
+        # "device": the workers read JPEGs and the training process decodes each batch's on its
+        # device (nvJPEG on a GPU); "auto" does so on CUDA devices.
+        self.defer_jpegs = decode_on == "device" or (decode_on == "auto" and self.device.type == "cuda")
         self.split = split
         self.num_workers = num_workers
         self.persistent_workers = persistent_workers and num_workers > 0
@@ -146,12 +168,29 @@ class FolderLoader(_Loader):
         self._loader: torch.utils.data.DataLoader | None = None
         self._owner: object | None = None  # the iteration now using self._loader
 
-    def _data_loader(self, batch_sampler: Any, persistent: bool) -> torch.utils.data.DataLoader:
+    def _dataset(self) -> torch.utils.data.Dataset:
+        return _DecodedFiles(self.split, self.defer_jpegs)
+
+    def _collate(self, items: list) -> Any:
+        return _collate_decoded(items)
+
+    def _batches(self, order: Tensor, start: int) -> list[Any]:
+        """The batch sampler's entries for batches `start`, ... of `order`: index lists here."""
+        # One copy of the order to the host per epoch, not one per batch.
+        return [idx.tolist() for idx in self._batch_indices(order.cpu(), start)]
+
+    def _workers_for(self, order: Tensor) -> int:
+        """The workers that must serve an epoch of `order`: any number, for files."""
+        return self.num_workers
+
+    def _data_loader(
+        self, batch_sampler: Any, persistent: bool, num_workers: int | None = None
+    ) -> torch.utils.data.DataLoader:
         return torch.utils.data.DataLoader(
-            _DecodedFiles(self.split),
+            self._dataset(),
             batch_sampler=batch_sampler,
-            num_workers=self.num_workers,
-            collate_fn=_collate_decoded,
+            num_workers=self.num_workers if num_workers is None else num_workers,
+            collate_fn=self._collate,
             pin_memory=self.device.type == "cuda",
             persistent_workers=persistent,
         )
@@ -161,12 +200,12 @@ class FolderLoader(_Loader):
         self._loader = None
 
     def iter_from(self, order: Tensor, start: int = 0) -> Iterator[tuple[Tensor, Tensor]]:
-        # One copy of the order to the host per epoch, not one per batch.
-        batches = [idx.tolist() for idx in self._batch_indices(order.cpu(), start)]
+        batches = self._batches(order, start)
         if not batches:
             return
-        if not self.persistent_workers or self._owner is not None:
-            yield from self._serve(self._data_loader(batches, persistent=False))
+        workers = self._workers_for(order)
+        if not self.persistent_workers or self._owner is not None or workers != self.num_workers:
+            yield from self._serve(self._data_loader(batches, persistent=False, num_workers=workers))
             return
         # An abandoned iteration releases the DataLoader when it is closed (collected), and
         # only if no later one has taken it since.
@@ -181,16 +220,33 @@ class FolderLoader(_Loader):
             if self._owner is token:
                 self._owner = None
 
+    _skipping = "skipping unreadable image %s (%s)"  # the warning for an item skipped
+
+    def _failure(self, where: str, error: str) -> str:
+        return f"cannot read image {where} ({error}); fix or remove it, or set dataset.on_error=skip"
+
+    def _decode_deferred(self, images: list, labels: Tensor) -> tuple[Tensor, Tensor, list[tuple[str, str]]]:
+        """A batch whose JPEGs the workers left encoded, decoded on the training device."""
+        decoded, failures = decode_deferred(
+            images, self.split.in_channels, self.split.image_size, self.device
+        )
+        keep = [i for i, image in enumerate(decoded) if image is not None]
+        good = [image for image in decoded if image is not None]
+        if not good:
+            return torch.empty(0, dtype=torch.uint8, device=self.device), labels[:0], failures
+        return torch.stack(good), labels[torch.tensor(keep, dtype=torch.long)], failures
+
     def _serve(self, loader: torch.utils.data.DataLoader) -> Iterator[tuple[Tensor, Tensor]]:
         for images, labels, failures in loader:
+            if isinstance(images, list):
+                images, labels, late = self._decode_deferred(images, labels)
+                failures = [*failures, *late]
             for path, error in failures:
                 if self.split.on_error != "skip":
-                    raise DataError(
-                        f"cannot read image {path} ({error}); fix or remove it, or set dataset.on_error=skip"
-                    )
+                    raise DataError(self._failure(path, error))
                 if path not in self._warned:
                     self._warned.add(path)
-                    log.warning("skipping unreadable image %s (%s)", path, error)
+                    log.warning(self._skipping, path, error)
             if len(labels) == 0:
                 path, error = failures[0]
                 raise DataError(
@@ -201,6 +257,82 @@ class FolderLoader(_Loader):
                 images.to(self.device, non_blocking=non_blocking),
                 labels.to(self.device, non_blocking=non_blocking),
             )
+
+
+DECODE_ON = ("workers", "device", "auto")
+
+
+def _single(items: list) -> Any:
+    return items[0]
+
+
+class StreamLoader(FolderLoader):
+    """Batches of a `StreamSplit`, planned per epoch by `vitexp.data.streams.plan_epoch`:
+    `new_order()` draws the epoch's shard order and shuffle seed, and each DataLoader worker
+    reads one slot of the plan from start to end (the workers are kept alive across epochs
+    as for image folders). The epoch's seed and slot count are the loader's state
+    (`state_dict`), so that a resumed run finishes the epoch with the same batches even when
+    it was started with another `dataset.num_workers`."""
+
+    split: StreamSplit
+
+    def __init__(self, split: StreamSplit, **kwargs: Any) -> None:
+        super().__init__(split, **kwargs)
+        self.slots = max(1, self.num_workers)
+        self._epoch: dict[str, Any] = {}  # the epoch drawn last: its order, seed and slots
+
+    def new_order(self) -> Tensor:
+        shards = len(self.split.shards)
+        if not self.train:
+            return torch.arange(shards)
+        order = torch.randperm(shards, generator=self.generator)
+        seed = int(torch.randint(0, 2**62, (1,), generator=self.generator))
+        self._epoch = {"order": order.clone(), "seed": seed, "slots": self.slots}
+        return order
+
+    def _plan_of(self, order: Tensor) -> tuple[list[int], int | None, int]:
+        """(shard order, shuffle seed, slots) of the epoch of `order`: the drawn epoch's own
+        seed and slots, else (an order given by hand) seed 0 and this loader's slots."""
+        shards = order.cpu().tolist()
+        if not self.train:
+            return shards, None, self.slots
+        epoch = self._epoch
+        if epoch and epoch["order"].tolist() == shards:
+            return shards, int(epoch["seed"]), int(epoch["slots"])
+        return shards, 0, self.slots
+
+    def _batches(self, order: Tensor, start: int) -> list[Any]:
+        shards, seed, slots = self._plan_of(order)
+        tasks = plan_epoch(
+            self.split, shards, seed=seed, slots=slots, batch_size=self.batch_size, rank=self.rank,
+            world_size=self.world_size, train=self.train,
+        )  # fmt: skip
+        # A DataLoader's workers take turns: batch start + i goes to worker i mod slots, which so
+        # reads one slot, (start + worker) mod slots, from batch to batch.
+        return [[task] for task in tasks[start:]]
+
+    def _workers_for(self, order: Tensor) -> int:
+        _, _, slots = self._plan_of(order)
+        return self.num_workers if slots == self.slots else slots
+
+    def _dataset(self) -> torch.utils.data.Dataset:
+        return StreamBatches(self.split, self.defer_jpegs)
+
+    def _collate(self, items: list) -> Any:
+        return _single(items)
+
+    _skipping = "skipping %s (%s)"
+
+    def _failure(self, where: str, error: str) -> str:
+        return f"{where}: {error}; fix or replace the shard, or set dataset.on_error=skip"
+
+    def state_dict(self) -> dict[str, Any]:
+        return dict(self._epoch)
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state:
+            self._epoch = {"order": torch.as_tensor(state["order"]).cpu(), "seed": int(state["seed"]),
+                           "slots": int(state["slots"])}  # fmt: skip
 
 
 def make_loader(
@@ -216,10 +348,14 @@ def make_loader(
     persistent_workers: bool = True,
     rank: int = 0,
     world_size: int = 1,
+    decode_on: str = "workers",
 ) -> DeviceLoader | FolderLoader:
     """The loader that fits the split: in-memory splits move to the device once; file splits
-    stream through DataLoader workers (kept alive across epochs with `persistent_workers`).
-    `rank`/`world_size` select a data-parallel shard."""
+    (and indexed datasets) are decoded by DataLoader workers (kept alive across epochs with
+    `persistent_workers`); stream splits are read in planned slots by the same workers.
+    `rank`/`world_size` select a data-parallel shard. `decode_on="device"` (or "auto" on a CUDA
+    device) has the workers leave JPEGs encoded and decodes each batch's on the training device
+    (`vitexp.data.images.decode_deferred`); "workers" (the default) decodes everything there."""
     common = {
         "batch_size": batch_size,
         "transform": transform,
@@ -229,8 +365,14 @@ def make_loader(
         "rank": rank,
         "world_size": world_size,
     }
+    if isinstance(split, StreamSplit):
+        return StreamLoader(
+            split, device=device, num_workers=num_workers, persistent_workers=persistent_workers,
+            decode_on=decode_on, **common,
+        )  # fmt: skip
     if isinstance(split, FileSplit):
         return FolderLoader(
-            split, device=device, num_workers=num_workers, persistent_workers=persistent_workers, **common
-        )
+            split, device=device, num_workers=num_workers, persistent_workers=persistent_workers,
+            decode_on=decode_on, **common,
+        )  # fmt: skip
     return DeviceLoader(split.to(device), **common)

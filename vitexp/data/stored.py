@@ -2,7 +2,7 @@
 
 That config comes from a file, possibly someone else's: handing it to Hydra's `instantiate`
 would call whatever its `_target_` names (`pathlib.Path.touch`, `builtins.open` with
-`mode: w`). It is built through `vitexp.registry.build_registered` instead, with only the five
+`mode: w`). It is built through `vitexp.registry.build_registered` instead, with only the
 dataset loaders allowed (under their public and their module paths), plain-data arguments that
 the loader takes, and no download: an inspection command must not write into a folder a
 stored config names.
@@ -17,6 +17,8 @@ from typing import Any
 from vitexp.data.cifar import load_cifar10, load_cifar100
 from vitexp.data.datasets import DatasetNotFound, ImageData, load_digits, load_fake
 from vitexp.data.folders import load_imagefolder
+from vitexp.data.hf import load_hf
+from vitexp.data.wds import load_wds
 from vitexp.errors import ConfigError, DataError
 from vitexp.registry import build_registered
 
@@ -29,6 +31,8 @@ def _registry() -> dict[str, Callable[..., Any]]:
         "load_digits": ("datasets", load_digits),
         "load_fake": ("datasets", load_fake),
         "load_imagefolder": ("folders", load_imagefolder),
+        "load_hf": ("hf", load_hf),
+        "load_wds": ("wds", load_wds),
     }
     registry = {}
     for name, (module, fn) in loaders.items():

@@ -92,6 +92,7 @@ class TrainState:
             "optimizer": step.optimizer.state_dict(),
             "scaler": step.scaler.state_dict(),
             "progress": self.progress.state_dict(),
+            "data": run.train_loader.state_dict(),  # a stream's epoch in progress (seed, readers)
             "rng": capture_rng(run.data_generator, run.device),
             "rank_rng": rank_rngs,
             "world_size": run.world.size,
@@ -122,6 +123,7 @@ class TrainState:
                 log.warning("the checkpoint has no EMA weights; the EMA starts from its weights now")
                 step.ema.module.load_state_dict(step.model.state_dict())
         self.progress.load_state_dict(ckpt["progress"], run.device)
+        run.train_loader.load_state_dict(ckpt.get("data") or {})
         self.logger_ids = dict(ckpt.get("logger_ids") or {})
         self._restore_streams(ckpt)
 
