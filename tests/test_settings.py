@@ -64,7 +64,7 @@ BAD = [
     (["dataset.val_split=1"], "dataset.val_split=1 must be in [0, 1)"),
     (
         ["dataset=imagefolder", "dataset.root=x", "dataset.num_classes=2", "dataset.num_workers=-1"],
-        "dataset.num_workers=-1 must not be negative, or null for min(4, CPU cores)",
+        "dataset.num_workers=-1 must not be negative, or null for this process's share of the cores",
     ),
     (
         [

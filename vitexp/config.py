@@ -299,7 +299,7 @@ RANGES: dict[str, Domain] = {
         "[0, 1)", "must be in [0, 1) (the share of training images held out for evaluation)"
     ),
     "dataset.num_workers": Domain(
-        "[0, inf)", "must not be negative, or null for min(4, CPU cores)", True, True
+        "[0, inf)", "must not be negative, or null for this process's share of the cores", True, True
     ),
     "dataset.shuffle_buffer": Domain(
         "[0, inf)", "must not be negative (training samples shuffled in windows of this many; 0: none)", True
