@@ -2,7 +2,7 @@
 # the suite. Both create .venv on first use and reinstall only when pyproject.toml or
 # constraints.txt changes. The quickstart installs the runtime dependencies only; the tests
 # add the test extras (timm/transformers as references, onnx/onnxruntime, the Hydra sweep
-# plugins, ruff, mypy, import-linter). Versions are pinned by constraints.txt (the ones CI last
+# plugins and Ray, ruff, mypy, import-linter). Versions are pinned by constraints.txt (the ones CI last
 # passed with); `make CONSTRAINTS= test` installs unpinned.
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -22,7 +22,7 @@ $(VENV)/.runtime: pyproject.toml $(CONSTRAINTS)
 	touch $@
 
 $(VENV)/.dev: $(VENV)/.runtime
-	$(PIP_INSTALL) -e '.[test,sweep]'
+	$(PIP_INSTALL) -e '.[test,sweep,ray]'
 	touch $@
 
 quickstart: install
