@@ -164,6 +164,19 @@ def test_a_job_that_fails_in_python_is_reported_as_with_the_basic_launcher(tmp_p
     assert "error: 1 of 2 jobs failed (1)" in result.stderr
 
 
+def test_local_gpus_without_ray_is_one_line_before_the_sweep_starts(monkeypatch, tmp_path):
+    from vitexp import cli
+    from vitexp.errors import ConfigError
+
+    target = "hydra_plugins.vitexp_sweeps.local_gpus.LocalGPUsLauncher"
+    monkeypatch.setitem(cli.LAUNCHER_NEEDS, target, ("local_gpus", "no_such_module_for_vitexp", "ray"))
+    argv = ["-m", "hydra/launcher=local_gpus", "seed=0,1", f"hydra.sweep.dir={tmp_path}"]
+    with pytest.raises(ConfigError, match=r"^hydra/launcher=local_gpus needs no_such_module_for_vitexp: pip"):
+        cli.check_command_line("config", argv)
+    cli.check_command_line("config", ["hydra/launcher=local_gpus", "seed=0"])  # one run launches nothing
+    assert not any(tmp_path.iterdir())
+
+
 def test_local_gpus_shares_out_the_machine():
     from hydra_plugins.vitexp_sweeps._ray_jobs import Plan, plan
     from vitexp.errors import ConfigError
