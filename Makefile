@@ -2,9 +2,9 @@
 # the suite. Both create .venv on first use and reinstall only when pyproject.toml or
 # constraints.txt changes. The quickstart installs the runtime dependencies only; the tests
 # add the test extras (timm/transformers as references, onnx/onnxruntime, the Hydra sweep
-# plugins, ruff, mypy, import-linter) and the data extra (datasets, webdataset). Versions are
-# pinned by constraints.txt (the ones CI last passed with); `make CONSTRAINTS= test` installs
-# unpinned.
+# plugins and Ray, ruff, mypy, import-linter) and the data extra (datasets, webdataset).
+# Versions are pinned by constraints.txt (the ones CI last passed with); `make CONSTRAINTS= test`
+# installs unpinned.
 VENV ?= .venv
 PY := $(VENV)/bin/python
 CONSTRAINTS ?= constraints.txt
@@ -23,7 +23,7 @@ $(VENV)/.runtime: pyproject.toml $(CONSTRAINTS)
 	touch $@
 
 $(VENV)/.dev: $(VENV)/.runtime
-	$(PIP_INSTALL) -e '.[test,sweep,data]'
+	$(PIP_INSTALL) -e '.[test,sweep,ray,data]'
 	touch $@
 
 quickstart: install

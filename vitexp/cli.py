@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import importlib.util
 import io
 import logging
 import math
@@ -296,6 +297,8 @@ def check_command_line(
             if i > 0:
                 continue
             multirun = args.multirun or cfg.hydra.mode == RunMode.MULTIRUN
+            if multirun:
+                check_launcher_installed(cfg)
             if sweeps and not multirun:
                 raise ConfigError(
                     f"{sweeps[0]} gives several values: add -m to run one job for each, or write "
@@ -306,6 +309,21 @@ def check_command_line(
                 with open_dict(cfg):
                     del cfg["hydra"]
                 check(cfg)
+
+
+# What the launchers vitexp ships (hydra_plugins/vitexp_sweeps) import when a sweep starts,
+# beyond vitexp's own dependencies: launcher class -> (its option, module, extra).
+LAUNCHER_NEEDS = {
+    "hydra_plugins.vitexp_sweeps.local_gpus.LocalGPUsLauncher": ("local_gpus", "ray", "ray"),
+}
+
+
+def check_launcher_installed(cfg: DictConfig) -> None:
+    """The sweep's launcher can start: else one line naming the extra to install, rather than
+    the traceback it would end with once the sweep has begun."""
+    need = LAUNCHER_NEEDS.get(str(OmegaConf.select(cfg, "hydra.launcher._target_")))
+    if need is not None and importlib.util.find_spec(need[1]) is None:
+        raise ConfigError(f"hydra/launcher={need[0]} needs {need[1]}: pip install -e '.[{need[2]}]'")
 
 
 def _one_line(e: Exception, config_name: str, overrides: list[str]) -> str:

@@ -1,0 +1,33 @@
+"""`hydra/sweeper=optuna_resumable`: Hydra's Optuna sweeper, continuing its study when re-run.
+
+Hydra's sweeper loads a stored study (`storage`, `study_name`) but then starts over: trial
+numbers, and so job folders, restart at 0, and `n_trials` more trials run whatever the study
+already holds (hydra#3328). This one counts `n_trials` over the whole study: re-running the
+same command runs only the trials still missing, numbered after the stored ones; a trial the
+interrupted sweep left running is run again in its own job folder with `trainer.resume=auto`
+(continuing from its last checkpoint), and the sampler is reseeded so that it does not draw
+again the parameters it drew for the first trials.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from hydra.plugins.sweeper import Sweeper
+from hydra.types import HydraContext, TaskFunction
+from omegaconf import DictConfig
+
+
+class ResumableOptunaSweeper(Sweeper):
+    """Same settings as Hydra's `OptunaSweeper` (hydra/sweeper=optuna)."""
+
+    def __init__(self, **settings: Any) -> None:
+        from hydra_plugins.vitexp_sweeps._resumable_optuna import ResumableOptunaSweeperImpl
+
+        self.sweeper = ResumableOptunaSweeperImpl(**settings)
+
+    def setup(self, *, hydra_context: HydraContext, task_function: TaskFunction, config: DictConfig) -> None:
+        self.sweeper.setup(hydra_context=hydra_context, task_function=task_function, config=config)
+
+    def sweep(self, arguments: list[str]) -> None:
+        return self.sweeper.sweep(arguments)
