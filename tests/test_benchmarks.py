@@ -11,7 +11,7 @@ import sys
 import pytest
 import torch
 
-from benchmarks import ablation, common, data_path, epoch_overhead, flops, step_vs_timm
+from benchmarks import ablation, budget_curve, common, data_path, epoch_overhead, flops, step_vs_timm
 
 
 def _positive(x: float) -> bool:
@@ -189,6 +189,67 @@ def test_ablation_table_reports_the_difference_to_the_preset():
     lines = ablation.table(rows).splitlines()
     assert lines[2].startswith("| `preset` | p | 60.0% |  | 20 | 640 |")
     assert lines[3].startswith("| `ema` | e | 62.5% | +2.5 | 19 | 640 | 0.48M |")
+
+
+def test_budget_curve_plans_three_seeds_at_ten_minutes_and_one_elsewhere():
+    runs = budget_curve.plan(["vitexp", "timm_vit"], [150.0, 600.0], [0, 1, 2])
+    assert runs[:4] == [
+        ("vitexp", 150.0, 0),
+        ("vitexp", 600.0, 0),
+        ("vitexp", 600.0, 1),
+        ("vitexp", 600.0, 2),
+    ]
+    assert len(runs) == 8 and runs[4] == ("timm_vit", 150.0, 0)
+
+
+@pytest.mark.parametrize("recipe", list(budget_curve.RECIPES))
+def test_every_budget_curve_recipe_builds_the_model_it_names(recipe):
+    from hydra import compose, initialize_config_dir
+
+    from vitexp.config import conf_dir
+    from vitexp.models import build_model
+
+    with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):
+        cfg = compose("config", overrides=budget_curve.RECIPES[recipe][1])
+    model = build_model(cfg.model)
+    assert model.img_size == (32, 32) and model(torch.zeros(2, 3, 32, 32)).shape == (2, 10)
+    expected = "timm.models.vision_transformer" if recipe == "timm_vit" else "vitexp.models"
+    assert type(model).__module__.startswith(expected)
+
+
+def test_budget_curve_trains_each_recipe_reads_its_summary_and_draws(tmp_path, cifar_root):
+    # Two optimizer steps per point: the loop, the summary and the figure, not the accuracy.
+    quick = ["trainer.max_steps=2", "trainer.batch_size=32", "trainer.eval_batch_size=100"]
+    points = [
+        budget_curve.run_point(recipe, 30.0, 0, cifar_root, tmp_path, quick)
+        for recipe in budget_curve.RECIPES
+    ]
+    for point in points:
+        assert 0.0 <= point.test_acc1 <= 1.0 and point.epochs == 1 and point.images_per_sec > 0
+        assert (tmp_path / f"{point.recipe}_30s_seed0" / "last.pt").is_file()
+    hflip = json.loads((tmp_path / "vitexp_30s_seed0" / "last_eval_test_hflip.json").read_text())
+    assert hflip["hflip"] is True and hflip["acc1"] == points[0].test_acc1_hflip
+    assert points[1].test_acc1_hflip is None  # timm's model is not rebuilt from a checkpoint
+    # A finished point is read back, not trained again.
+    mtime = (tmp_path / "vitexp_30s_seed0" / "summary.json").stat().st_mtime
+    assert budget_curve.run_point("vitexp", 30.0, 0, cifar_root, tmp_path, quick) == points[0]
+    assert (tmp_path / "vitexp_30s_seed0" / "summary.json").stat().st_mtime == mtime
+    budget_curve.draw(points, tmp_path / "curve.png")
+    assert (tmp_path / "curve.png").stat().st_size > 10_000
+
+
+def test_budget_curve_table_and_medians_over_seeds():
+    def point(recipe: str, budget: float, seed: int, acc: float) -> budget_curve.Point:
+        return budget_curve.Point(recipe, budget, seed, acc, acc + 0.01, 10, 100.0, 500.0, 0.2)
+
+    points = [point("vitexp", 600.0, s, a) for s, a in ((0, 0.62), (1, 0.70), (2, 0.66))]
+    points.append(budget_curve.Point("timm_vit", 150.0, 0, 0.40, None, 3, 100.0, 300.0, 0.1))
+    assert budget_curve.medians(points) == {"timm_vit": [(150.0, 0.40)], "vitexp": [(600.0, 0.66)]}
+    lines = budget_curve.table(points).splitlines()
+    assert (
+        lines[2] == "| `vitexp` | 10 min | 3 | 66.0% | 62.0 / 70.0 / 66.0 | 67.0% | 10/10/10 | 500 | 0.20 |"
+    )
+    assert lines[3] == "| `timm_vit` | 2.5 min | 1 | 40.0% | 40.0 | — | 3 | 300 | 0.10 |"
 
 
 def test_gpu_check_runs_on_the_cpu_and_writes_its_table(tmp_path):

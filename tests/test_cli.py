@@ -314,3 +314,14 @@ def test_report_command_errors_are_one_line(tmp_path):
     assert result.stderr.splitlines() == [
         f"error: {tmp_path} holds no job folders (subfolders with .hydra/); is it a multirun folder?"
     ]
+
+
+def test_group_options_from_a_hydra_searchpath_folder_are_accepted(tmp_path):
+    (tmp_path / "model").mkdir()
+    (tmp_path / "model" / "mine.yaml").write_text("_target_: vitexp.models.VisionTransformer\n")
+    searchpath = f"hydra.searchpath=[file://{tmp_path}]"
+    check_command_line("config", [searchpath, "model=mine"])  # no error: the added folder offers it
+    with pytest.raises(ConfigError, match=r"unknown model 'mien'.*\bmine\b.*did you mean mine\?"):
+        check_command_line("config", [searchpath, "model=mien"])
+    with pytest.raises(ConfigError, match="unknown model 'mine'"):
+        check_command_line("config", ["model=mine"])

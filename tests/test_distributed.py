@@ -114,6 +114,7 @@ def test_only_rank_0_writes_and_all_ranks_share_one_run_dir(tmp_path):
     assert result.stdout.count("epoch 1/1 |") + result.stderr.count("epoch 1/1 |") == 1  # rank 0 reports
 
 
+@pytest.mark.slow  # ~15-20 s; DDP equality of a plain run stays in the default suite
 def test_resume_under_ddp_restores_every_ranks_random_streams(tmp_path):
     """Dropout and augmentation draw per rank; resuming from the epoch-1 checkpoint must give
     the same second epoch, bitwise, as the uninterrupted 2-process run."""
@@ -136,6 +137,7 @@ def test_resume_under_ddp_restores_every_ranks_random_streams(tmp_path):
     assert all(torch.equal(ours[k], theirs[k]) for k in theirs)
 
 
+@pytest.mark.slow  # ~15-20 s; DDP equality of a plain run stays in the default suite
 def test_sigterm_under_ddp_checkpoints_mid_epoch_and_resumes_exactly(tmp_path):
     """The signal reaches the ranks at different moments; they agree at the next log point,
     rank 0 writes the mid-epoch checkpoint, all exit (status 75), and the resumed

@@ -239,6 +239,20 @@ def test_evaluate_checkpoint_agrees_with_the_training_metrics(token_ckpt):
     assert_picture(Path(report["confusion_png"]))
 
 
+def test_evaluate_with_hflip_averages_each_image_and_its_mirror(token_ckpt, tmp_path):
+    report = evaluate_checkpoint(token_ckpt, device="cpu", output=tmp_path / "r.json", hflip=True)
+    trained = load_trained(token_ckpt)
+    test = load_digits().test
+    with torch.no_grad():
+        x = trained.transform.eval(test.images)
+        logits = (trained.model(x) + trained.model(x.flip(-1))) / 2
+    assert report["hflip"] is True
+    assert report["loss"] == pytest.approx(F.cross_entropy(logits, test.labels).item(), rel=1e-5)
+    assert report["acc1"] == pytest.approx((logits.argmax(1) == test.labels).float().mean().item())
+    matrix = torch.tensor(report["confusion_matrix"])  # one prediction per image, not two
+    assert matrix.sum() == 360 and matrix.trace() / 360 == pytest.approx(report["acc1"])
+
+
 def test_evaluate_other_splits_and_datasets(token_ckpt, tmp_path):
     trained, out = load_trained(token_ckpt), tmp_path / "r.json"
     report = evaluate_checkpoint(trained, split="val", val_split=0.1, output=out)

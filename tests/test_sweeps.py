@@ -151,6 +151,7 @@ def test_local_gpus_gives_each_job_its_gpu_and_a_dead_job_fails_alone(tmp_path):
     )
 
 
+@pytest.mark.slow  # ~12 s; a dead job failing alone stays in the default suite
 @needs_ray
 def test_a_job_that_fails_in_python_is_reported_as_with_the_basic_launcher(tmp_path):
     sweep = tmp_path / "sweep"

@@ -136,6 +136,36 @@ def test_evaluate_counts_the_true_number_of_samples():
     assert got["acc5"] == pytest.approx((top5 == split.labels[:, None]).any(1).float().mean().item())
 
 
+def test_evaluate_with_hflip_scores_the_mean_logits_of_each_image_and_its_mirror():
+    torch.manual_seed(0)
+    model = VisionTransformer(img_size=8, patch_size=4, num_classes=6, hidden_size=16, mlp_dim=32,
+                              num_heads=2, num_layers=1).eval()  # fmt: skip
+    split = Split(torch.randint(0, 256, (10, 3, 8, 8), dtype=torch.uint8), torch.randint(0, 6, (10,)))
+    transform = BatchTransform(img_size=8, mean=[0.5] * 3, std=[0.5] * 3)
+    loader = DeviceLoader(split, batch_size=4, transform=transform, train=False)
+    plain = evaluate(model, loader, torch.autocast("cpu", enabled=False))
+    got = evaluate(model, loader, torch.autocast("cpu", enabled=False), hflip=True)
+    with torch.no_grad():
+        x = transform.eval(split.images)
+        logits = (model(x) + model(torch.flip(x, dims=[3]))) / 2
+    assert got["loss"] == pytest.approx(F.cross_entropy(logits, split.labels).item(), rel=1e-5)
+    assert got["acc1"] == pytest.approx((logits.argmax(1) == split.labels).float().mean().item())
+    assert got["loss"] != pytest.approx(plain["loss"], rel=1e-4)  # the mirror images do count
+
+
+def test_eval_hflip_is_logged_beside_the_plain_metrics_which_pick_best(cfg_factory):
+    cfg = cfg_factory(*FAKE_TINY, "trainer.max_epochs=2", "trainer.batch_size=64", "trainer.eval_hflip=true",
+                      "trainer.sample_figures=false")  # fmt: skip
+    best = train(cfg)
+    run_dir = Path(cfg.run_dir)
+    evals = [r for r in read_jsonl(run_dir / "metrics.jsonl") if "val/loss" in r]
+    assert len(evals) == 2 and all("val_hflip/acc1" in r and "val_hflip/loss" in r for r in evals)
+    assert evals[-1]["val_hflip/loss"] != evals[-1]["val/loss"]
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["final"]["val_hflip/acc1"] == evals[-1]["val_hflip/acc1"]
+    assert best == max(r["val/acc1"] for r in evals)
+
+
 @pytest.mark.parametrize(
     ("overrides", "message"),
     [

@@ -203,8 +203,11 @@ def check_group_choices(overrides: Sequence[str]) -> None:
     candidates = [a for a in overrides if "=" in a and not a.startswith(("-", "hydra", "~"))]
     try:
         parsed = OverridesParser.create().parse_overrides(candidates)
+        extra_dirs = _searchpath_dirs(overrides)
     except HydraException:
         return  # reported by check_command_line
+    if extra_dirs is None:
+        return  # a search path this check cannot list (pkg://...): Hydra reports unknown options
     for override in parsed:
         group = override.key_or_group
         if "." in group or not is_group(group) or override.is_delete():
@@ -213,9 +216,27 @@ def check_group_choices(overrides: Sequence[str]) -> None:
             values = list(override.sweep_iterator()) if override.is_sweep_override() else [override.value()]
         except HydraException:
             continue  # a sweep only a sweeper plugin understands (interval, tag)
+        choices = sorted(
+            {*group_options(group), *(p.stem for d in extra_dirs for p in (d / group).glob("*.yaml"))}
+        )
         for value in values:
             if isinstance(value, str):
-                _check_option(group, value)
+                _check_option(group, value, choices=choices)
+
+
+def _searchpath_dirs(overrides: Sequence[str]) -> list[Path] | None:
+    """The folders a `hydra.searchpath=[file://DIR, ...]` override adds, whose config groups
+    offer options too; None when it names a search path other than a folder."""
+    dirs: list[Path] = []
+    for override in OverridesParser.create().parse_overrides(
+        [a for a in overrides if a.startswith("hydra.searchpath=")]
+    ):
+        value = override.value()
+        for entry in value if isinstance(value, list) else [value]:
+            if not (isinstance(entry, str) and entry.startswith("file://")):
+                return None
+            dirs.append(Path(entry.removeprefix("file://")))
+    return dirs
 
 
 def _check_option(group: str, option: str, where: str = "", choices: list[str] | None = None) -> None:

@@ -136,6 +136,7 @@ class TrainerConfig:
     mixup_alpha: float = MISSING
     cutmix_alpha: float = MISSING
     ema_decay: float | None = MISSING
+    eval_hflip: bool = MISSING
 
 
 # A root-level entry, not an option of the trainer group: conf/trainer/default.yaml names it

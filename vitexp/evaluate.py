@@ -41,16 +41,21 @@ SPLITS = ("test", "train", "val")
 
 class _KeepPredictions(nn.Module):
     """Passes the logits through and keeps each batch's top class, so that the training
-    loop's `evaluate` gives the metrics and the confusion matrix comes from the same pass."""
+    loop's `evaluate` gives the metrics and the confusion matrix comes from the same pass.
+    With `hflip` the logits are the mean over each image and its mirror image (the flip is
+    done here, not by `evaluate`, so that one prediction is kept per image)."""
 
-    def __init__(self, model: nn.Module) -> None:
+    def __init__(self, model: nn.Module, hflip: bool = False) -> None:
         super().__init__()
         self.model = model
+        self.hflip = hflip
         self.predictions: list[Tensor] = []
 
     def forward(self, x: Tensor) -> Tensor:
-        logits = self.model(x)
-        self.predictions.append(logits.float().argmax(dim=1))
+        logits = self.model(x).float()
+        if self.hflip:
+            logits = (logits + self.model(x.flip(-1)).float()) / 2
+        self.predictions.append(logits.argmax(dim=1))
         return logits
 
 
@@ -131,13 +136,15 @@ def evaluate_checkpoint(
     device: str = "auto",
     precision: str = "fp32",
     num_workers: int | None = None,
+    hflip: bool = False,
 ) -> dict[str, Any]:
     """Evaluate `checkpoint` on a split of `data` (None: the dataset stored in the checkpoint).
 
     Writes the report as JSON to `output` (default: next to the checkpoint,
     `<stem>_eval_<split>.json`) and the confusion matrix beside it (`..._confusion.png`), and
     returns the report. `val_split` (for split=val) and `num_workers` (decoding image folders)
-    default to the checkpoint's dataset config.
+    default to the checkpoint's dataset config. `hflip` scores the mean of the logits of each
+    image and its mirror image (test-time flip averaging).
     """
 
     if batch_size <= 0:
@@ -174,7 +181,7 @@ def evaluate_checkpoint(
         device=trained.device,
         num_workers=num_workers,
     )
-    recorder, batches = _KeepPredictions(trained.model), _KeepLabels(loader)
+    recorder, batches = _KeepPredictions(trained.model, hflip), _KeepLabels(loader)
     metrics = evaluate(recorder, batches, autocast_context(trained.device, precision))
     predictions = torch.cat(recorder.predictions).cpu()
     labels = torch.cat(batches.labels).cpu()
@@ -200,6 +207,7 @@ def evaluate_checkpoint(
         "confusion_png": str(png_path),
         "device": str(trained.device),
         "precision": precision,
+        "hflip": hflip,
     }
     save_confusion_png(
         matrix,
@@ -219,6 +227,8 @@ def _hydra_main(cfg: DictConfig) -> None:
 
 def _evaluate(cfg: DictConfig) -> None:
     require_settings(cfg)
+    if not isinstance(cfg.hflip, bool):
+        raise ConfigError(f"hflip={cfg.hflip!r} must be true or false")
     trained = as_trained(cfg.checkpoint, str(cfg.device))
     data = dataset_from_cfg(cfg, trained)
     val_split, num_workers, output = None, None, cfg.output
@@ -239,6 +249,7 @@ def _evaluate(cfg: DictConfig) -> None:
         device=str(cfg.device),
         precision=str(cfg.precision),
         num_workers=num_workers,
+        hflip=bool(cfg.hflip),
     )
     log.info(
         "%s on %d %s images: loss %.4f acc1 %.4f acc5 %.4f mean class acc %.4f | wrote %s, %s",

@@ -180,6 +180,10 @@ class Loop:
             if at_log or at_checkpoint:
                 self.log_window(bar)
                 self.refit_budget()
+                # A budget that grew lets this epoch run to its end rather than stop short and
+                # start another one; one that shrank ends it where the run ends.
+                steps = min(run.steps_per_epoch, p.step_in_epoch + p.total_steps - p.global_step)
+                bar.total = steps
             if at_checkpoint:
                 # Mid-epoch: the epoch's order and the step within it let a resumed run replay
                 # exactly the batches this one had left.
@@ -223,7 +227,11 @@ class Loop:
     def evaluate(self) -> dict[str, float]:
         run = self.run
         scores = evaluate(run.eval_model, run.eval_loader, run.step.autocast, run.world)
-        return {f"val/{k}": v for k, v in scores.items()}
+        metrics = {f"val/{k}": v for k, v in scores.items()}
+        if run.cfg.trainer.eval_hflip:  # reported beside the plain figures, which still pick best.pt
+            flipped = evaluate(run.eval_model, run.eval_loader, run.step.autocast, run.world, hflip=True)
+            metrics.update({f"val_hflip/{k}": v for k, v in flipped.items()})
+        return metrics
 
     # ------------------------------------------------------------------- decisions
 

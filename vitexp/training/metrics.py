@@ -20,10 +20,15 @@ def evaluate(
     loader: Any,
     autocast: contextlib.AbstractContextManager,
     world: distributed.World = distributed.SINGLE_PROCESS,
+    *,
+    hflip: bool = False,
 ) -> dict[str, float]:
     """Loss, top-1 and top-5 accuracy over exactly the samples of `loader`: sums over
     samples divided by the sample count, so a short last batch weighs what it holds. With
-    data-parallel ranks each scores its shard and the sums are added over the ranks."""
+    data-parallel ranks each scores its shard and the sums are added over the ranks.
+
+    `hflip`: test-time augmentation, the mean of the logits of each image and of its mirror
+    image (left-right), which costs a second forward pass."""
     model.eval()
     loss_sum = torch.zeros((), device=loader.device, dtype=torch.float64)
     correct1 = torch.zeros((), device=loader.device, dtype=torch.long)
@@ -31,8 +36,9 @@ def evaluate(
     count = torch.zeros((), device=loader.device, dtype=torch.long)
     for x, y in loader:
         with autocast:
-            logits = model(x)
-        logits = logits.float()
+            logits = model(x).float()
+            if hflip:
+                logits = (logits + model(x.flip(-1)).float()) / 2
         loss_sum += F.cross_entropy(logits, y, reduction="sum")
         top = logits.topk(min(5, logits.shape[1]), dim=1).indices
         correct1 += (top[:, 0] == y).sum()
