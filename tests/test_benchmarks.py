@@ -191,7 +191,7 @@ def test_ablation_table_reports_the_difference_to_the_preset():
     assert lines[3].startswith("| `ema` | e | 62.5% | +2.5 | 19 | 640 | 0.48M |")
 
 
-def test_budget_curve_plans_three_seeds_at_ten_minutes_and_one_elsewhere():
+def test_budget_curve_plans_the_presets_seeds_at_ten_minutes_and_one_elsewhere():
     runs = budget_curve.plan(["vitexp", "timm_vit"], [150.0, 600.0], [0, 1, 2])
     assert runs[:4] == [
         ("vitexp", 150.0, 0),
@@ -199,7 +199,9 @@ def test_budget_curve_plans_three_seeds_at_ten_minutes_and_one_elsewhere():
         ("vitexp", 600.0, 1),
         ("vitexp", 600.0, 2),
     ]
-    assert len(runs) == 8 and runs[4] == ("timm_vit", 150.0, 0)
+    assert runs[4:] == [("timm_vit", 150.0, 0), ("timm_vit", 600.0, 0)]  # the reference: one seed
+    more = budget_curve.plan(["timm_vit"], [600.0, 300.0], [0, 1, 2], [3, 4])
+    assert more == [("timm_vit", 600.0, 3), ("timm_vit", 600.0, 4), ("timm_vit", 300.0, 0)]
 
 
 @pytest.mark.parametrize("recipe", list(budget_curve.RECIPES))

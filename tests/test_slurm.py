@@ -17,6 +17,7 @@ import shutil
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -87,18 +88,26 @@ def job_logs(sweep: Path) -> str:
 @contextlib.contextmanager
 def requeues_without_delay() -> Iterator[None]:
     """Slurm holds a requeued job for two minutes (BeginTime = requeue + 120 s, measured on
-    22.05); to keep the tier short, a thread brings such a job's start forward to now."""
+    22.05); to keep the tier short, a thread brings such a job's start forward to now. Not at
+    once: slurmd refuses to start a job in the same second its credential was revoked by the
+    requeue ("Job credential revoked", and the job fails), so a job is released only after it
+    has been held for 3 seconds."""
     done = threading.Event()
 
     def release() -> None:
+        held_since: dict[str, float] = {}
         while not done.wait(1.0):
             held = subprocess.run(["squeue", "-h", "-t", "PD", "-o", "%i %r"], capture_output=True, text=True)
             for line in held.stdout.splitlines():
                 job, _, reason = line.partition(" ")
-                if reason == "BeginTime":
+                if reason != "BeginTime":
+                    continue
+                since = held_since.setdefault(job, time.monotonic())
+                if time.monotonic() - since >= 3.0:
                     subprocess.run(
                         ["scontrol", "update", f"JobId={job}", "StartTime=now"], capture_output=True
                     )
+                    del held_since[job]  # the job may be requeued again later
 
     thread = threading.Thread(target=release, daemon=True)
     thread.start()
