@@ -143,13 +143,16 @@ def wait_until_quiet(limit: float = 1.0, patience: float = 300.0) -> float:
     return load
 
 
-def run_point(recipe: str, budget: float, seed: int, root: Path, out: Path, extra: list[str]) -> Point:
-    """Train one point (unless its run dir already holds a finished run) and read its summary."""
+def run_point(
+    recipe: str, budget: float, seed: int, root: Path, out: Path, extra: list[str], patience: float = 300.0
+) -> Point:
+    """Train one point (unless its run dir already holds a finished run) and read its summary.
+    `patience`: at most this many seconds of waiting for a quiet machine first."""
     run_dir = out / f"{recipe}_{budget:g}s_seed{seed}"
     summary_path = run_dir / "summary.json"
     if not summary_path.is_file():
         shutil.rmtree(run_dir, ignore_errors=True)
-        load = wait_until_quiet()
+        load = wait_until_quiet(patience=patience)
         args = [
             *RECIPES[recipe][1], f"dataset.root={root}", f"trainer.max_time={budget:g}", f"seed={seed}",
             "trainer.progress=false", "trainer.sample_figures=false", "logger=none", *extra,

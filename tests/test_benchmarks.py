@@ -223,7 +223,7 @@ def test_budget_curve_trains_each_recipe_reads_its_summary_and_draws(tmp_path, c
     # Two optimizer steps per point: the loop, the summary and the figure, not the accuracy.
     quick = ["trainer.max_steps=2", "trainer.batch_size=32", "trainer.eval_batch_size=100"]
     points = [
-        budget_curve.run_point(recipe, 30.0, 0, cifar_root, tmp_path, quick)
+        budget_curve.run_point(recipe, 30.0, 0, cifar_root, tmp_path, quick, patience=0)
         for recipe in budget_curve.RECIPES
     ]
     for point in points:
@@ -234,7 +234,7 @@ def test_budget_curve_trains_each_recipe_reads_its_summary_and_draws(tmp_path, c
     assert points[1].test_acc1_hflip is None  # timm's model is not rebuilt from a checkpoint
     # A finished point is read back, not trained again.
     mtime = (tmp_path / "vitexp_30s_seed0" / "summary.json").stat().st_mtime
-    assert budget_curve.run_point("vitexp", 30.0, 0, cifar_root, tmp_path, quick) == points[0]
+    assert budget_curve.run_point("vitexp", 30.0, 0, cifar_root, tmp_path, quick, patience=0) == points[0]
     assert (tmp_path / "vitexp_30s_seed0" / "summary.json").stat().st_mtime == mtime
     budget_curve.draw(points, tmp_path / "curve.png")
     assert (tmp_path / "curve.png").stat().st_size > 10_000
