@@ -27,10 +27,14 @@ import argparse
 import json
 import os
 import shutil
-import subprocess
 import sys
 import time
 from pathlib import Path
+
+if __package__ in (None, ""):  # run as a script: make the repository importable
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from benchmarks.common import record_load, recorded_load, run_module
 
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_ROOT = Path(os.environ.get("VITEXP_TEST_DATA", REPO.parent / "shared" / "data"))
@@ -90,14 +94,9 @@ def run_row(name: str, root: Path, budget: float, seed: int, out: Path) -> dict:
         ]  # fmt: skip
         started = time.strftime("%H:%M:%S")
         print(f"[{started}] {name} (load {load:.2f}): python -m vitexp {' '.join(args)}", flush=True)
-        command = [sys.executable, "-m", "vitexp", *args]
-        done = subprocess.run(command, cwd=REPO, capture_output=True, text=True)
-        if done.returncode != 0:
-            tail = (done.stderr or done.stdout).strip().splitlines()[-1:] or ["(no output)"]
-            raise SystemExit(f"row {name} failed: {tail[0]}")
-        (run_dir / "load_at_start.txt").write_text(f"{load:.2f}\n")
+        run_module(["vitexp", *args], f"row {name}")
+        record_load(run_dir, load)
     summary = json.loads(summary_path.read_text())
-    load_file = run_dir / "load_at_start.txt"
     return {
         "row": name,
         "change": ROWS[name][0],
@@ -106,7 +105,7 @@ def run_row(name: str, root: Path, budget: float, seed: int, out: Path) -> dict:
         "epochs": summary["epochs"],
         "images_per_sec": summary["images_per_sec"],
         "params": summary["params"],
-        "load_at_start": float(load_file.read_text()) if load_file.is_file() else None,
+        "load_at_start": recorded_load(run_dir),
     }
 
 

@@ -35,13 +35,17 @@ import json
 import os
 import shutil
 import statistics
-import subprocess
 import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+if __package__ in (None, ""):  # run as a script: make the repository importable
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
 from torch import nn
+
+from benchmarks.common import record_load, recorded_load, run_module
 
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_ROOT = Path(os.environ.get("VITEXP_TEST_DATA", REPO.parent / "shared" / "data"))
@@ -163,27 +167,18 @@ def run_point(
             f"[{time.strftime('%H:%M:%S')}] {recipe} {budget:g}s seed {seed} (load {load:.2f}){note}",
             flush=True,
         )
-        done = subprocess.run(
-            [sys.executable, "-m", "vitexp", *args], cwd=REPO, capture_output=True, text=True
-        )
-        if done.returncode != 0:
-            tail = (done.stderr or done.stdout).strip().splitlines()[-1:] or ["(no output)"]
-            raise SystemExit(f"{recipe} {budget:g}s seed {seed} failed: {tail[0]}")
-        (run_dir / "load_at_start.txt").write_text(f"{load:.2f}\n")
+        run_module(["vitexp", *args], f"{recipe} {budget:g}s seed {seed}")
+        record_load(run_dir, load)
     hflip_path = run_dir / "last_eval_test_hflip.json"
     # Outside the budget: an evaluation option, not part of the run. vitexp.evaluate rebuilds
     # only vitexp's own model classes from a checkpoint (the safety allow-list), not timm's.
     if recipe in HFLIP_RECIPES and not hflip_path.is_file():
         evaluate = [
-            sys.executable, "-m", "vitexp.evaluate", f"checkpoint={run_dir / 'last.pt'}", "hflip=true",
-            "precision=bf16", "device=cpu", f"output={hflip_path}",
+            "vitexp.evaluate", f"checkpoint={run_dir / 'last.pt'}", "hflip=true", "precision=bf16",
+            "device=cpu", f"output={hflip_path}",
         ]  # fmt: skip
-        done = subprocess.run(evaluate, cwd=REPO, capture_output=True, text=True)
-        if done.returncode != 0:
-            tail = (done.stderr or done.stdout).strip().splitlines()[-1:] or ["(no output)"]
-            raise SystemExit(f"evaluating {run_dir / 'last.pt'} with hflip failed: {tail[0]}")
+        run_module(evaluate, f"evaluating {run_dir / 'last.pt'} with hflip")
     summary = json.loads(summary_path.read_text())
-    load_file = run_dir / "load_at_start.txt"
     return Point(
         recipe=recipe,
         budget=budget,
@@ -193,7 +188,7 @@ def run_point(
         epochs=int(summary["epochs"]),
         train_seconds=float(summary["train_seconds"]),
         images_per_sec=float(summary["images_per_sec"]),
-        load_at_start=float(load_file.read_text()) if load_file.is_file() else None,
+        load_at_start=recorded_load(run_dir),
     )
 
 

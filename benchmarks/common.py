@@ -15,6 +15,8 @@ import json
 import os
 import platform
 import statistics
+import subprocess
+import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass
@@ -218,3 +220,27 @@ def finish(results: dict[str, Any], json_path: Path | None) -> None:
 
 def shape_dict(shape: Shape) -> dict[str, int]:
     return asdict(shape)
+
+
+# ------------------------------------------------------------------ full training runs
+# ablation.py and budget_curve.py time whole `python -m vitexp` runs, one after another.
+
+LOAD_FILE = "load_at_start.txt"  # the 1-minute load average a run started at, beside its records
+
+
+def run_module(args: Sequence[str], what: str) -> None:
+    """`python -m ARGS` from the repository root; when it fails, stop with one line naming
+    `what` and the command's last line of output."""
+    done = subprocess.run([sys.executable, "-m", *args], cwd=REPO, capture_output=True, text=True)
+    if done.returncode != 0:
+        tail = (done.stderr or done.stdout).strip().splitlines()[-1:] or ["(no output)"]
+        raise SystemExit(f"{what} failed: {tail[0]}")
+
+
+def record_load(run_dir: Path, load: float) -> None:
+    (run_dir / LOAD_FILE).write_text(f"{load:.2f}\n")
+
+
+def recorded_load(run_dir: Path) -> float | None:
+    path = run_dir / LOAD_FILE
+    return float(path.read_text()) if path.is_file() else None

@@ -117,12 +117,18 @@ def test_bf16_autocast_on_cpu_computes_in_bf16(cfg_factory, tmp_path):
     assert all(abs(a - b) < 0.05 * a for a, b in zip(fp32, bf16, strict=True))
 
 
-def test_evaluate_counts_the_true_number_of_samples():
+def tiny_model_and_split() -> tuple[VisionTransformer, Split, BatchTransform]:
+    """A 6-class ViT on 8×8 images and 10 random images (seeded): for checks of evaluate."""
     torch.manual_seed(0)
     model = VisionTransformer(img_size=8, patch_size=4, num_classes=6, hidden_size=16, mlp_dim=32,
                               num_heads=2, num_layers=1).eval()  # fmt: skip
     split = Split(torch.randint(0, 256, (10, 3, 8, 8), dtype=torch.uint8), torch.randint(0, 6, (10,)))
     transform = BatchTransform(img_size=8, mean=[0.5] * 3, std=[0.5] * 3)
+    return model, split, transform
+
+
+def test_evaluate_counts_the_true_number_of_samples():
+    model, split, transform = tiny_model_and_split()
     got = evaluate(
         model,
         DeviceLoader(split, batch_size=4, transform=transform, train=False),
@@ -137,11 +143,7 @@ def test_evaluate_counts_the_true_number_of_samples():
 
 
 def test_evaluate_with_hflip_scores_the_mean_logits_of_each_image_and_its_mirror():
-    torch.manual_seed(0)
-    model = VisionTransformer(img_size=8, patch_size=4, num_classes=6, hidden_size=16, mlp_dim=32,
-                              num_heads=2, num_layers=1).eval()  # fmt: skip
-    split = Split(torch.randint(0, 256, (10, 3, 8, 8), dtype=torch.uint8), torch.randint(0, 6, (10,)))
-    transform = BatchTransform(img_size=8, mean=[0.5] * 3, std=[0.5] * 3)
+    model, split, transform = tiny_model_and_split()
     loader = DeviceLoader(split, batch_size=4, transform=transform, train=False)
     plain = evaluate(model, loader, torch.autocast("cpu", enabled=False))
     got = evaluate(model, loader, torch.autocast("cpu", enabled=False), hflip=True)

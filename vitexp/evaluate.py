@@ -31,7 +31,7 @@ from vitexp.data import FileSplit, ImageData, Split, carve_validation, make_load
 from vitexp.errors import ConfigError
 from vitexp.inference import TrainedModel, as_trained, dataset_from_cfg, split_channels
 from vitexp.runtime import autocast_context, configure_backends
-from vitexp.training.metrics import evaluate
+from vitexp.training.metrics import evaluate, logits_of
 from vitexp.viz import save_confusion_png
 
 log = logging.getLogger("vitexp.evaluate")
@@ -52,9 +52,7 @@ class _KeepPredictions(nn.Module):
         self.predictions: list[Tensor] = []
 
     def forward(self, x: Tensor) -> Tensor:
-        logits = self.model(x).float()
-        if self.hflip:
-            logits = (logits + self.model(x.flip(-1)).float()) / 2
+        logits = logits_of(self.model, x, self.hflip)
         self.predictions.append(logits.argmax(dim=1))
         return logits
 

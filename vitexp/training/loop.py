@@ -157,8 +157,7 @@ class Loop:
     def run_epoch(self) -> None:
         run, p, t = self.run, self.state.progress, self.run.cfg.trainer
         assert p.order is not None
-        # An epoch ends after steps_per_epoch steps, or earlier where the run does.
-        steps = min(run.steps_per_epoch, p.step_in_epoch + p.total_steps - p.global_step)
+        steps = self.steps_this_epoch()
         batches = run.train_loader.iter_from(p.order, p.step_in_epoch * run.step.grad_accum_steps)
         run.step.forward.train()
         epoch_start, seconds_before = time.time(), p.train_seconds
@@ -182,8 +181,7 @@ class Loop:
                 self.refit_budget()
                 # A budget that grew lets this epoch run to its end rather than stop short and
                 # start another one; one that shrank ends it where the run ends.
-                steps = min(run.steps_per_epoch, p.step_in_epoch + p.total_steps - p.global_step)
-                bar.total = steps
+                steps = bar.total = self.steps_this_epoch()
             if at_checkpoint:
                 # Mid-epoch: the epoch's order and the step within it let a resumed run replay
                 # exactly the batches this one had left.
@@ -195,6 +193,11 @@ class Loop:
         if self.window.count:
             self.log_window(bar)
         p.train_seconds = seconds_before + time.time() - epoch_start
+
+    def steps_this_epoch(self) -> int:
+        """An epoch ends after steps_per_epoch steps, or earlier where the run does."""
+        p = self.state.progress
+        return min(self.run.steps_per_epoch, p.step_in_epoch + p.total_steps - p.global_step)
 
     def end_epoch(self) -> dict[str, float]:
         """Evaluate, keep the best, write last.pt (and best.pt, epoch<N>.pt)."""

@@ -14,6 +14,15 @@ from torch import Tensor, nn
 from vitexp.training import distributed
 
 
+def logits_of(model: nn.Module, x: Tensor, hflip: bool = False) -> Tensor:
+    """The model's fp32 logits for `x`; with `hflip`, the mean of the logits of each image and
+    of its mirror image (left-right: test-time flip averaging, a second forward pass)."""
+    logits = model(x).float()
+    if hflip:
+        logits = (logits + model(x.flip(-1)).float()) / 2
+    return logits
+
+
 @torch.no_grad()
 def evaluate(
     model: nn.Module,
@@ -36,9 +45,7 @@ def evaluate(
     count = torch.zeros((), device=loader.device, dtype=torch.long)
     for x, y in loader:
         with autocast:
-            logits = model(x).float()
-            if hflip:
-                logits = (logits + model(x.flip(-1)).float()) / 2
+            logits = logits_of(model, x, hflip)
         loss_sum += F.cross_entropy(logits, y, reduction="sum")
         top = logits.topk(min(5, logits.shape[1]), dim=1).indices
         correct1 += (top[:, 0] == y).sum()
