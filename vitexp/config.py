@@ -104,39 +104,64 @@ def is_group(name: str) -> bool:
 # --------------------------------------------------------------------------- the trainer schema
 
 
+# How a setting may change when a run is resumed (`trainer.resume`):
+#   free      may differ from the interrupted run (device, logging, checkpoint intervals, ...);
+#   same_run  defines the run: a change is refused, unless trainer.resume_allow_changes=true,
+#             which applies the new value and warns;
+#   fixed     cannot change mid-run at all: a change is refused even with resume_allow_changes.
+ON_RESUME = ("free", "same_run", "fixed")
+
+
+def _trainer_field(on_resume: str) -> Any:
+    assert on_resume in ON_RESUME
+    return dataclasses.field(default=MISSING, metadata={"on_resume": on_resume})
+
+
 @dataclasses.dataclass
 class TrainerConfig:
     """The keys and types of `trainer` (values: conf/trainer/default.yaml). Hydra checks every
     value against its type when it composes the config, and refuses keys not listed here;
-    `validate` then checks the ranges."""
+    `validate` then checks the ranges. Each field's metadata says how it may change on resume."""
 
-    max_epochs: int = MISSING
-    max_steps: int | None = MISSING
-    batch_size: int = MISSING
-    grad_accum_steps: int = MISSING
-    eval_batch_size: int = MISSING
-    precision: str = MISSING
-    device: str = MISSING
-    compile: bool = MISSING
-    deterministic: bool = MISSING
-    grad_clip: float | None = MISSING
-    label_smoothing: float = MISSING
-    log_every_steps: int = MISSING
-    progress: bool = MISSING
-    save_every_epoch: bool = MISSING
-    monitor: str = MISSING
-    resume: str | None = MISSING
-    resume_allow_changes: bool = MISSING
-    overwrite: bool = MISSING
-    checkpoint_every_steps: int | None = MISSING
-    keep_last_k: int | None = MISSING
-    on_nonfinite: str = MISSING
-    sample_figures: bool = MISSING
-    max_time: float | None = MISSING
-    mixup_alpha: float = MISSING
-    cutmix_alpha: float = MISSING
-    ema_decay: float | None = MISSING
-    eval_hflip: bool = MISSING
+    max_epochs: int = _trainer_field("same_run")
+    max_steps: int | None = _trainer_field("same_run")
+    batch_size: int = _trainer_field("same_run")
+    grad_accum_steps: int = _trainer_field("same_run")
+    eval_batch_size: int = _trainer_field("free")
+    precision: str = _trainer_field("free")
+    device: str = _trainer_field("free")
+    compile: bool = _trainer_field("free")
+    deterministic: bool = _trainer_field("free")
+    grad_clip: float | None = _trainer_field("same_run")
+    label_smoothing: float = _trainer_field("same_run")
+    log_every_steps: int = _trainer_field("free")
+    progress: bool = _trainer_field("free")
+    save_every_epoch: bool = _trainer_field("free")
+    monitor: str = _trainer_field("free")
+    resume: str | None = _trainer_field("free")
+    resume_allow_changes: bool = _trainer_field("free")
+    overwrite: bool = _trainer_field("free")
+    checkpoint_every_steps: int | None = _trainer_field("free")
+    keep_last_k: int | None = _trainer_field("free")
+    on_nonfinite: str = _trainer_field("free")
+    sample_figures: bool = _trainer_field("free")
+    max_time: float | None = _trainer_field("same_run")
+    mixup_alpha: float = _trainer_field("same_run")
+    cutmix_alpha: float = _trainer_field("same_run")
+    ema_decay: float | None = _trainer_field("same_run")
+    eval_hflip: bool = _trainer_field("free")
+
+
+def trainer_keys(on_resume: str) -> tuple[str, ...]:
+    """The `trainer` settings whose resume policy is `on_resume` (see ON_RESUME)."""
+    return tuple(f.name for f in dataclasses.fields(TrainerConfig) if f.metadata["on_resume"] == on_resume)
+
+
+def trainer_settings(cfg: DictConfig) -> TrainerConfig:
+    """The composed `trainer` section as a typed object: the library reads its fields."""
+    settings = OmegaConf.to_object(cfg.trainer)
+    assert isinstance(settings, TrainerConfig)
+    return settings
 
 
 # A root-level entry, not an option of the trainer group: conf/trainer/default.yaml names it

@@ -8,6 +8,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from vitexp.config import trainer_keys
 from vitexp.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -16,18 +17,7 @@ log = logging.getLogger(__name__)
 # Everything else (device, precision, compile, workers, logging and checkpoint intervals, the
 # dataset's folder) may change between the interrupted run and the resumed one.
 RUN_DEFINING = ("model", "dataset", "optimizer", "scheduler", "seed")
-RUN_DEFINING_TRAINER = (
-    "batch_size",
-    "grad_accum_steps",
-    "max_epochs",
-    "max_steps",
-    "max_time",
-    "grad_clip",
-    "label_smoothing",
-    "mixup_alpha",
-    "cutmix_alpha",
-    "ema_decay",
-)
+RUN_DEFINING_TRAINER = trainer_keys("same_run") + trainer_keys("fixed")
 FREE = {
     "model.pretrained",
     "model.pretrained_format",
