@@ -11,7 +11,9 @@ line, not about the files it names."""
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import importlib
+import itertools
 import re
 import shlex
 from collections.abc import Callable, Iterator
@@ -25,8 +27,8 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.types import RunMode
 from omegaconf import DictConfig, open_dict
 
-from tests.helpers import REPO
 import vitexp.cli
+from tests.helpers import REPO
 from vitexp.cli import _hydra_args, check_command_line, require_settings
 from vitexp.config import conf_dir, validate
 from vitexp.errors import ConfigError
@@ -49,7 +51,9 @@ ARGPARSE_COMMANDS = ("vitexp.report", "vitexp.weights")
 
 FENCE = re.compile(r"^\s*```(\w*)")
 # A line that starts a command: an optional prompt, environment assignments, `time`, then the program.
-COMMAND_START = re.compile(r"^\s*(\$\s+)?([A-Za-z_][A-Za-z0-9_]*=\S*\s+)*(time\s+)?(\S*python3?|torchrun|vitexp)(\s|$)")
+COMMAND_START = re.compile(
+    r"^\s*(\$\s+)?([A-Za-z_][A-Za-z0-9_]*=\S*\s+)*(time\s+)?(\S*python3?|torchrun|vitexp)(\s|$)"
+)
 SHELL_BLOCKS = ("", "bash", "sh", "shell", "console")
 
 
@@ -83,7 +87,7 @@ def parse_command(text: str, where: str) -> Command | None:
             rest = words[i + 2 :]
             if program == "torchrun" or words[1:i] == []:
                 return Command(where, text, module, tuple(rest))
-    if any(w == "-m" and n.startswith("vitexp") for w, n in zip(words, words[1:], strict=False)):
+    if any(w == "-m" and n.startswith("vitexp") for w, n in itertools.pairwise(words)):
         raise AssertionError(f"{where}: a vitexp command this test cannot read: {text}")
     return None
 
@@ -103,8 +107,9 @@ def fenced_commands(path: Path) -> Iterator[Command]:
         start = i
         i += 1
         if lang not in SHELL_BLOCKS or not COMMAND_START.match(line):
-            if lang in SHELL_BLOCKS and ("-m vitexp" in line and not line.lstrip().startswith("#")):
-                raise AssertionError(f"{path.name}:{start + 1}: a vitexp command this test cannot read: {line}")
+            if lang in SHELL_BLOCKS and "-m vitexp" in line and not line.lstrip().startswith("#"):
+                where = f"{path.name}:{start + 1}"
+                raise AssertionError(f"{where}: a vitexp command this test cannot read: {line}")
             continue
         text = line
         while text.rstrip().endswith("\\") and i < len(lines):
@@ -115,7 +120,7 @@ def fenced_commands(path: Path) -> Iterator[Command]:
             continue
         shown = lines[i] if i < len(lines) else ""
         if lang == "console" and shown.startswith("error: "):
-            command = Command(command.where, command.text, command.module, command.args, shown[len("error: ") :])
+            command = dataclasses.replace(command, error=shown.removeprefix("error: "))
         yield command
 
 
@@ -188,11 +193,12 @@ def check_hydra_command(command: Command, monkeypatch: pytest.MonkeyPatch) -> No
     parsed_args = _hydra_args(args)
     assert parsed_args is not None, f"Hydra itself would have to read {command.text}"
     overrides = OverridesParser.create().parse_overrides(parsed_args.overrides)
-    check_pretrained_names(
-        [str(o.value()) for o in overrides if o.key_or_group == "model.pretrained" and not o.is_sweep_override()]
-    )
+    weights = [o for o in overrides if o.key_or_group == "model.pretrained" and not o.is_sweep_override()]
+    check_pretrained_names([str(o.value()) for o in weights])
     # A single run: check_command_line judged it (and took `hydra` off the config it checked).
-    if composed and "hydra" in composed[0] and composed[0].hydra.mode == RunMode.MULTIRUN:
+    # A sweep: -m, or a preset that sets hydra.mode (hparams_search=...).
+    preset_sweep = bool(composed) and "hydra" in composed[0] and composed[0].hydra.mode == RunMode.MULTIRUN
+    if parsed_args.multirun or preset_sweep:
         # The check leaves the values of a sweep's jobs to each job: judge them here as each
         # job will, on the configs the check composed (every value of every swept key).
         for cfg in composed:
