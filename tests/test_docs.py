@@ -1,9 +1,10 @@
-"""Every vitexp command in the README and docs/ is one that parses: each `python -m vitexp…`,
-`torchrun … -m vitexp` and `vitexp …` line of a fenced block, and each such inline code span,
-is composed through the command-line check the command itself runs first (in-process, no
-training), so a documented command with an unknown key or option, a value of the wrong type, a
-missing required setting or an override Hydra's grammar rejects fails here. An example of an
-error (`$ command` followed by `error: ...` in a console block) must fail with that line.
+"""Every vitexp command in the README, docs/ and experiments/README.md is one that parses:
+each `python -m vitexp…`, `torchrun … -m vitexp` and `vitexp …` line of a fenced block, and
+each such inline code span, is composed through the command-line check the command itself
+runs first (in-process, no training), so a documented command with an unknown key or option, a
+value of the wrong type, a missing required setting or an override Hydra's grammar rejects
+fails here. An example of an error (`$ command` followed by `error: ...` in a console block)
+must fail with that line.
 
 Placeholders such as `RUN/best.pt` or `/data/pets` are fine: the check is about the command
 line, not about the files it names."""
@@ -34,7 +35,8 @@ from vitexp.config import conf_dir, validate
 from vitexp.errors import ConfigError
 from vitexp.models.weights.sources import find_named
 
-DOCS = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
+PAGES = sorted((REPO / "docs").glob("*.md"))
+DOCS = [REPO / "README.md", *PAGES, REPO / "experiments" / "README.md"]
 
 # The command modules that run through Hydra: their config (conf/NAME.yaml) and the check of
 # the composed config that the command makes before (training) or as it starts (the others).
@@ -108,14 +110,14 @@ def fenced_commands(path: Path) -> Iterator[Command]:
         i += 1
         if lang not in SHELL_BLOCKS or not COMMAND_START.match(line):
             if lang in SHELL_BLOCKS and "-m vitexp" in line and not line.lstrip().startswith("#"):
-                where = f"{path.name}:{start + 1}"
+                where = f"{path.relative_to(REPO)}:{start + 1}"
                 raise AssertionError(f"{where}: a vitexp command this test cannot read: {line}")
             continue
         text = line
         while text.rstrip().endswith("\\") and i < len(lines):
             text = text.rstrip()[:-1] + " " + lines[i].strip()
             i += 1
-        command = parse_command(text, f"{path.name}:{start + 1}")
+        command = parse_command(text, f"{path.relative_to(REPO)}:{start + 1}")
         if command is None:
             continue
         shown = lines[i] if i < len(lines) else ""
@@ -148,9 +150,9 @@ def inline_commands(path: Path) -> Iterator[Command]:
         if any(word.endswith(("...", "…")) for word in span.split()):
             continue  # a fragment: `python -m vitexp model=vit_b16 ...`
         try:
-            command = parse_command(span, f"{path.name}:{line_no}")
+            command = parse_command(span, f"{path.relative_to(REPO)}:{line_no}")
         except ValueError:  # a span the shell could not read either
-            raise AssertionError(f"{path.name}:{line_no}: not a shell command: {span}") from None
+            raise AssertionError(f"{path.relative_to(REPO)}:{line_no}: not a shell command: {span}") from None
         if command is None or not command.args:
             continue  # `python -m vitexp.attention` names the command
         yield command
@@ -267,9 +269,9 @@ def test_the_docs_show_each_command_and_each_page() -> None:
     assert shown == set(HYDRA_COMMANDS) | set(ARGPARSE_COMMANDS)
     assert any(c.text.lstrip().startswith("torchrun") for c in COMMANDS)
     assert any(c.error is not None for c in COMMANDS)
-    readme = [c for c in COMMANDS if c.where.startswith("README.md")]
+    readme = [c for c in COMMANDS if c.where.startswith("README.md:")]
     assert len(readme) >= 20
-    for page in DOCS[1:]:
+    for page in PAGES:
         assert f"(docs/{page.name}" in (REPO / "README.md").read_text(), f"README does not link {page.name}"
 
 
@@ -287,6 +289,8 @@ def test_links_between_the_docs_resolve() -> None:
                 continue
             file, _, anchor = target.partition("#")
             linked = (path.parent / file).resolve() if file else path
-            assert linked.exists(), f"{path.name}: link to {target}: no such file"
+            assert linked.exists(), f"{path.relative_to(REPO)}: link to {target}: no such file"
             if anchor:
-                assert anchor in anchors(linked), f"{path.name}: link to {target}: no such heading"
+                assert anchor in anchors(linked), (
+                    f"{path.relative_to(REPO)}: link to {target}: no such heading"
+                )
