@@ -106,7 +106,7 @@ def check_finite(state_dict: Mapping[str, Tensor], source: str) -> None:
         if (value.is_floating_point() or value.is_complex()) and not bool(torch.isfinite(value).all())
     ]
     if bad:
-        more = f" (and {len(bad) - 1} more tensors)" if len(bad) > 1 else ""
+        more = f" (and {len(bad) - 1} more)" if len(bad) > 1 else ""
         raise DataError(
             f"pretrained weights {source} hold NaN or inf in {bad[0]}{more}: the file is damaged or comes "
             f"from a run that diverged; point model.pretrained at other weights"
