@@ -21,7 +21,14 @@ import torch
 from omegaconf import DictConfig
 
 from tests.helpers import REPO
-from tests.test_weights_sources import Loopback, _model_cfg, _npz_bytes, _one_line, _safetensors_bytes, _timm_vit
+from tests.test_weights_sources import (
+    Loopback,
+    _model_cfg,
+    _npz_bytes,
+    _one_line,
+    _safetensors_bytes,
+    _timm_vit,
+)
 from vitexp.cli import check_command_line
 from vitexp.config import validate
 from vitexp.errors import DataError
@@ -74,7 +81,9 @@ def test_sign_in_page_is_refused_in_one_line_and_not_cached(
     with pytest.raises(DataError) as error:
         resolve_weights(f"{url}#sha256={'0' * 64}")
     message = _one_line(error)
-    assert message.startswith(f"the download of {url} is an HTML page (a sign-in or error page?), not "), message
+    assert message.startswith(f"the download of {url} is an HTML page (a sign-in or error page?), not "), (
+        message
+    )
     assert "nothing was cached" in message and "put it at" in message
     assert _cached_files(torch_home) == [f"{name}.lock"]
 
@@ -83,7 +92,7 @@ def test_text_served_as_weights_is_named_by_its_first_line(server: Loopback, tor
     server.files["/w.pth"] = b'{"error": "token expired"}\n'
     with pytest.raises(DataError) as error:
         resolve_weights(f"{server.url}/w.pth")
-    assert "is text ('{\"error\": \"token expired\"}'…), not a torch file" in _one_line(error)
+    assert 'is text (\'{"error": "token expired"}\'…), not a torch file' in _one_line(error)
 
 
 @pytest.mark.parametrize("zipped", [True, False], ids=["zip", "legacy-pickle"])
@@ -102,7 +111,9 @@ def _plant(torch_home: Path, url: str, body: bytes) -> Path:
     cached = _url_cache_path(url)
     cached.parent.mkdir(parents=True)
     cached.write_bytes(body)
-    cached.with_name(cached.name + ".sha256").write_text(f"{hashlib.sha256(body).hexdigest()}  {cached.name}\n")
+    cached.with_name(cached.name + ".sha256").write_text(
+        f"{hashlib.sha256(body).hexdigest()}  {cached.name}\n"
+    )
     return cached
 
 
@@ -123,7 +134,9 @@ def test_page_already_in_the_cache_is_removed_and_fetched_again(
     )
 
 
-def test_page_in_the_cache_with_the_server_gone_is_removed_and_named(server: Loopback, torch_home: Path) -> None:
+def test_page_in_the_cache_with_the_server_gone_is_removed_and_named(
+    server: Loopback, torch_home: Path
+) -> None:
     url = f"{server.url}/w.pth"
     cached = _plant(torch_home, url, SIGN_IN)
     server.stop()
@@ -175,7 +188,9 @@ QUOTED = re.compile(r"'model\.pretrained=\"[^\"']+#sha256=[^\"']+\"'")
 def _documented_checksum_forms() -> list[str]:
     """Every `model.pretrained` override with a `#sha256=` in the README (with the model and
     data of the example around it), and every command line that has one."""
-    lines = [line for line in README.splitlines() if line.startswith("python -m vitexp ") and "#sha256=" in line]
+    lines = [
+        line for line in README.splitlines() if line.startswith("python -m vitexp ") and "#sha256=" in line
+    ]
     return [f"model=vit_s16 dataset=cifar10 {form}" for form in QUOTED.findall(README)] + [
         line.removeprefix("python -m vitexp ") for line in lines
     ]
@@ -189,7 +204,9 @@ def test_readme_gives_the_checksum_form_quoted_and_only_so() -> None:
 
 
 @pytest.mark.parametrize("command", _documented_checksum_forms())
-def test_documented_checksum_form_parses_and_resolves(command: str, server: Loopback, torch_home: Path) -> None:
+def test_documented_checksum_form_parses_and_resolves(
+    command: str, server: Loopback, torch_home: Path
+) -> None:
     """The README's form, as the shell splits it, passes Hydra's override grammar and vitexp's
     command-line check; with its placeholders filled in, the URL it names downloads and checks."""
     composed: list[DictConfig] = []
