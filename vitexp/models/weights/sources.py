@@ -14,9 +14,11 @@ A source is one of
   gives its checksum.
 
 Downloads of names and URLs show a progress bar, go to a `.incomplete` file that becomes the
-cached file only once complete (its length, and the CRCs of a zip (`.npz`, `.pth`) or the header
-of a `.safetensors`, checked), and are serialised by a lock next to the file, so the jobs of a
-sweep share one download. The SHA-256 of a downloaded file is recorded next to it (`.sha256`)
+cached file only once complete (its length; its first bytes, which must be its format's, so that
+an HTML sign-in page answered with 200 is refused, not cached; and the CRCs of a zip (`.npz`,
+`.pth`) or the header of a `.safetensors`, checked), and are serialised by a lock next to the
+file, so the jobs of a sweep share one download. A cached file whose first bytes are not
+weights is removed and fetched again. The SHA-256 of a downloaded file is recorded next to it (`.sha256`)
 and checked on every later read, as is a published one. A source that does not exist is a
 ConfigError; a download that fails, or a file that is damaged, a DataError: one line each,
 naming the source, where it was fetched from and where to put the file by hand.
