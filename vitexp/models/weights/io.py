@@ -98,7 +98,7 @@ def format_problem(head: bytes, suffix: str, content_type: str = "") -> str | No
 
 
 def check_finite(state_dict: Mapping[str, Tensor], source: str) -> None:
-    """A DataError naming `source` and the first tensor that holds NaN or inf: such weights
+    """Raise a DataError naming `source` and the first tensor that holds NaN or inf: such weights
     would only show up later as a loss that diverges at the first step."""
     bad = [
         key

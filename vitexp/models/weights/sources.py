@@ -18,8 +18,8 @@ cached file only once complete (its length; its first bytes, which must be its f
 an HTML sign-in page answered with 200 is refused, not cached; and the CRCs of a zip (`.npz`,
 `.pth`) or the header of a `.safetensors`, checked), and are serialised by a lock next to the
 file, so the jobs of a sweep share one download. A cached file whose first bytes are not
-weights is removed and fetched again. The SHA-256 of a downloaded file is recorded next to it (`.sha256`)
-and checked on every later read, as is a published one. A source that does not exist is a
+weights is removed and fetched again. The SHA-256 of a downloaded file is recorded next to it
+(`.sha256`) and checked on every later read, as is a published one. A source that does not exist is a
 ConfigError; a download that fails, or a file that is damaged, a DataError: one line each,
 naming the source, where it was fetched from and where to put the file by hand.
 """
