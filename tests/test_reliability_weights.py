@@ -223,3 +223,23 @@ def test_documented_checksum_form_parses_and_resolves(
     composed.clear()
     check_command_line("config", shlex.split(filled), composed.append)
     assert resolve_weights(composed[0].model.pretrained).read_bytes() == body
+
+
+# --------------------------------------------------------------------------- noise
+
+
+def test_no_object_address_in_a_failed_download(
+    server: Loopback, torch_home: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    class Socket:
+        def __repr__(self) -> str:
+            return object.__repr__(self)
+
+    def refuse(*args: object, **kwargs: object) -> None:
+        raise OSError(f"connection reset on {Socket()!r}")
+
+    monkeypatch.setattr("urllib.request.urlopen", refuse)
+    with pytest.raises(DataError) as error:
+        resolve_weights(f"{server.url}/w.pth")
+    message = _one_line(error)
+    assert "(connection reset on <" in message and " at 0x" not in message, message

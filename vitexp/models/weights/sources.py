@@ -359,8 +359,12 @@ def _url_cache_path(url: str) -> Path:
     return cache_dir() / "urls" / hashlib.sha256(url.encode()).hexdigest()[:16] / name
 
 
+# An object's address in a library's message (`<... object at 0x7f...>`) says nothing to a user.
+_ADDRESS = re.compile(r" at 0x[0-9a-fA-F]+")
+
+
 def _first_line(error: BaseException | str) -> str:
-    text = str(getattr(error, "reason", None) or error).strip()
+    text = _ADDRESS.sub("", str(getattr(error, "reason", None) or error)).strip()
     return (text.splitlines()[0] if text else type(error).__name__)[:160]
 
 
