@@ -217,7 +217,15 @@ def test_documented_checksum_form_parses_and_resolves(
     assert composed[0].model.pretrained == value and "#sha256=" in value
 
     reference = _timm_vit()
-    body = _npz_bytes(reference) if value.split("#")[0].endswith(".npz") else _safetensors_bytes(reference)
+    suffix = Path(value.split("#")[0]).suffix
+    if suffix == ".npz":
+        body = _npz_bytes(reference)
+    elif suffix == ".safetensors":
+        body = _safetensors_bytes(reference)
+    else:  # a torch file (.pth, .pt, .bin)
+        buffer = io.BytesIO()
+        torch.save(reference.state_dict(), buffer)
+        body = buffer.getvalue()
     url = re.sub(r"^https://[^/]+", server.url, value.split("#")[0])
     server.files[url.removeprefix(server.url)] = body
     filled = command.replace(value, f"{url}#sha256={hashlib.sha256(body).hexdigest()}")
