@@ -41,7 +41,7 @@ from vitexp.models.checks import (
     head_dim,
     image_size,
 )
-from vitexp.models.vit import Block
+from vitexp.models.vit import Block, drop_path_rates
 
 __all__ = ["ConvAttention", "ConvEmbeddings", "ConvProjection", "CvT", "CvTBlock", "CvTStage"]
 
@@ -98,8 +98,7 @@ class ConvProjection(nn.Module):
 
 class ConvProjectionArguments(TypedDict, total=False):
     """The geometry of `ConvAttention`'s convolutional projections, as keyword arguments: what
-    `CvTStage` and `CvTBlock` take as `**projection` and pass on. Their defaults are
-    ConvAttention's."""
+    `CvTStage` and `CvTBlock` take as `**projection` and pass on from `CvT`'s arguments."""
 
     kernel_size: int
     stride_q: int
@@ -182,11 +181,11 @@ class CvTBlock(Block):
         hidden_size: int,
         mlp_dim: int,
         num_heads: int,
-        qkv_bias: bool = True,
-        dropout_rate: float = 0.0,
-        attention_dropout_rate: float = 0.0,
-        drop_path_rate: float = 0.0,
-        norm_eps: float = 1e-5,
+        qkv_bias: bool,
+        dropout_rate: float,
+        attention_dropout_rate: float,
+        drop_path_rate: float,
+        norm_eps: float,
         **projection: Unpack[ConvProjectionArguments],
     ) -> None:
         super().__init__(
@@ -197,7 +196,9 @@ class CvTBlock(Block):
             dropout_rate=dropout_rate,
             attention_dropout_rate=attention_dropout_rate,
             drop_path_rate=drop_path_rate,
+            layer_scale_init=None,  # neither LayerScale nor locality attention in CvT
             norm_eps=norm_eps,
+            locality_attention=False,
         )
         # Replaces the Block's fused-qkv attention; norms, MLP and stochastic depth are kept.
         self.attn = ConvAttention(
@@ -249,8 +250,6 @@ class CvTStage(nn.Module):
         )
         self.cls_token = nn.Parameter(torch.zeros(1, 1, hidden_size)) if class_token else None
         self.dropout = nn.Dropout(dropout_rate)
-        # Stochastic depth grows linearly within the stage up to its rate (microsoft/CvT).
-        rates = [drop_path_rate * i / max(num_layers - 1, 1) for i in range(num_layers)]
         self.layer = nn.ModuleList(
             CvTBlock(
                 hidden_size=hidden_size,
@@ -263,7 +262,7 @@ class CvTStage(nn.Module):
                 norm_eps=norm_eps,
                 **projection,
             )
-            for rate in rates
+            for rate in drop_path_rates(drop_path_rate, num_layers)  # within the stage, as microsoft/CvT
         )
 
     @property

@@ -260,21 +260,24 @@ class Mlp(nn.Module):
 
 
 class Block(nn.Module):
-    """Pre-norm transformer block: x + attn(norm(x)), then x + mlp(norm(x))."""
+    """Pre-norm transformer block: x + attn(norm(x)), then x + mlp(norm(x)).
+
+    No defaults: a block is built by its stack (`Encoder`, CvT's stages), which holds the
+    settings' defaults and checks them."""
 
     def __init__(
         self,
         *,
-        hidden_size: int = 768,
-        mlp_dim: int = 3072,
-        num_heads: int = 12,
-        qkv_bias: bool = True,
-        dropout_rate: float = 0.0,
-        attention_dropout_rate: float = 0.0,
-        drop_path_rate: float = 0.0,
-        layer_scale_init: float | None = None,
-        norm_eps: float = 1e-6,
-        locality_attention: bool = False,
+        hidden_size: int,
+        mlp_dim: int,
+        num_heads: int,
+        qkv_bias: bool,
+        dropout_rate: float,
+        attention_dropout_rate: float,
+        drop_path_rate: float,
+        layer_scale_init: float | None,
+        norm_eps: float,
+        locality_attention: bool,
     ) -> None:
         super().__init__()
         self.attention_norm = nn.LayerNorm(hidden_size, eps=norm_eps)
@@ -299,6 +302,13 @@ class Block(nn.Module):
     def attention_weights(self, x: Tensor) -> Tensor:
         """This block's attention probabilities for its input `x`, (B, heads, tokens, tokens)."""
         return self.attn.attention_weights(self.attention_norm(x))
+
+
+def drop_path_rates(drop_path_rate: float, num_layers: int) -> list[float]:
+    """Each layer's stochastic-depth rate, growing linearly from 0 to `drop_path_rate` (Huang et al.
+    2016; as in DeiT, timm and microsoft/CvT). Plain Python, not torch.linspace(...).tolist(), so
+    the model can be built on the meta device."""
+    return [drop_path_rate * i / max(num_layers - 1, 1) for i in range(num_layers)]
 
 
 class EncoderArguments(TypedDict, total=False):
@@ -354,9 +364,6 @@ class Encoder(nn.Module):
             check_rate(name, rate)
         check_layer_scale(layer_scale_init)
         check_norm_eps(norm_eps)
-        # Stochastic depth grows linearly with depth (Huang et al. 2016; as in DeiT/timm).
-        # Plain Python, not torch.linspace(...).tolist(), so the model can be built on the meta device.
-        rates = [drop_path_rate * i / max(num_layers - 1, 1) for i in range(num_layers)]
         self.layer = nn.ModuleList(
             Block(
                 hidden_size=hidden_size,
@@ -370,7 +377,7 @@ class Encoder(nn.Module):
                 norm_eps=norm_eps,
                 locality_attention=locality_attention,
             )
-            for rate in rates
+            for rate in drop_path_rates(drop_path_rate, num_layers)
         )
         self.encoder_norm = nn.LayerNorm(hidden_size, eps=norm_eps)
 
