@@ -6,8 +6,9 @@ or any URL its `gopen` opens: `pipe:`, `http(s)://`, ...) and planned over ranks
 A split is given as a brace pattern (`/data/train-{000000..000146}.tar`), a list of them, or a
 shard index: a `.json` file in WebDataset's `wids` format (`{"shardlist": [{"url": ...,
 "nsamples": ...}], ...}`, shard URLs relative to the index), which `python -m vitexp.shards`
-writes beside the shards. The plan needs each shard's sample count: an index gives them;
-without one, every shard is read through once at start-up to count them.
+writes beside the shards. The plan needs each shard's sample count: an index gives them (and
+they are checked as the shards are read: a shard that holds more or fewer samples stops the run
+naming both counts); without one, every shard is read through once at start-up to count them.
 
 Class names come from `classes` (the config), else `classes_file` (one name a line, or a JSON
 list), else the index's `classes`, else a `classes.txt` beside the first training shard, else
@@ -239,10 +240,12 @@ def load_wds(
         )
     reader = TarShardReader()
 
-    def split(shards: list[Shard], name: str, buffer: int) -> StreamSplit:
+    def split(shards: list[Shard], spec: str | Sequence[str], name: str, buffer: int) -> StreamSplit:
+        index = spec if isinstance(spec, str) and spec.endswith(".json") else None
         return StreamSplit(
             shards, reader, image_size=size, in_channels=in_channels, on_error=on_error,
-            shuffle_buffer=buffer, source=f"the {name} shards",
+            shuffle_buffer=buffer, source=f"the {name} shards", index=index,
         )  # fmt: skip
 
-    return ImageData(split(train, "training", shuffle_buffer), split(test, "test", 0), names)
+    training = split(train, train_shards, "training", shuffle_buffer)
+    return ImageData(training, split(test, test_shards, "test", 0), names)
