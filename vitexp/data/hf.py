@@ -110,8 +110,8 @@ def _datasets_reason(error: BaseException, records: list[logging.LogRecord]) -> 
         else:
             detail = " ".join(str(cast).split("\n")[-1:])
         return (
-            f"{named or 'a data file'} does not match the columns and types of the files before it ({detail}); "
-            f"give every data file of a split the same columns and types"
+            f"{named or 'a data file'} does not match the columns and types of the files before it "
+            f"({detail}); give every data file of a split the same columns and types"
         )
     lines = [
         f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}" for e in chain if e is not None
