@@ -71,6 +71,7 @@ class RawSample:
     image: bytes | None = None
     label: int | None = None
     error: str | None = None  # why it cannot be used (no label, no image, shard unreadable)
+    bad_label: bool = False  # the error is a label of the wrong kind
 
 
 class ShardUnavailable(Exception):
