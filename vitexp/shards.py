@@ -19,6 +19,7 @@ replaces what an earlier conversion wrote (its shards, indexes and classes.txt) 
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import logging
@@ -92,28 +93,25 @@ def _write_split(
 
     on_error = getattr(split, "on_error", "fail")
     shards: list[dict[str, Any]] = []
-    writer, skipped = None, 0
-    for index in order:
-        try:
-            kind, data, label = _samples(split, index, fmt, quality)
-        except UnreadableImage as e:
-            if on_error != "skip":
-                raise DataError(
-                    f"cannot read image {e.path} ({e.reason}); fix or remove it, or set dataset.on_error=skip"
-                ) from e
-            log.warning("skipping unreadable image %s (%s)", e.path, e.reason)
-            skipped += 1
-            continue
-        if writer is None or shards[-1]["nsamples"] == shard_size:
-            if writer is not None:
-                writer.close()
-            url = f"{name}-{len(shards):06d}.tar"
-            writer = TarWriter(str(out / url))
-            shards.append({"url": url, "nsamples": 0})
-        writer.write({"__key__": f"{name}{index:08d}", kind: data, "cls": label})
-        shards[-1]["nsamples"] += 1
-    if writer is not None:
-        writer.close()
+    skipped = 0
+    with contextlib.ExitStack() as open_shard:
+        for index in order:
+            try:
+                kind, data, label = _samples(split, index, fmt, quality)
+            except UnreadableImage as e:
+                if on_error != "skip":
+                    fix = "fix or remove it, or set dataset.on_error=skip"
+                    raise DataError(f"cannot read image {e.path} ({e.reason}); {fix}") from e
+                log.warning("skipping unreadable image %s (%s)", e.path, e.reason)
+                skipped += 1
+                continue
+            if not shards or shards[-1]["nsamples"] == shard_size:
+                open_shard.close()
+                url = f"{name}-{len(shards):06d}.tar"
+                writer = open_shard.enter_context(TarWriter(str(out / url)))
+                shards.append({"url": url, "nsamples": 0})
+            writer.write({"__key__": f"{name}{index:08d}", kind: data, "cls": label})
+            shards[-1]["nsamples"] += 1
     if skipped and not shards:
         raise DataError(f"no image of the {name} split can be read ({skipped} skipped); nothing to write")
     index_file = {"__kind__": "wids-shard-index-v1", "wids_version": 1, "name": name, "shardlist": shards,
@@ -167,20 +165,30 @@ def write_shards(
         out.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise ConfigError(f"out={out} cannot be made ({e.strerror or e}); give a folder you can write") from e
-    for old in out.iterdir():  # only with overwrite: what an earlier conversion wrote
+    _remove_written(out)  # only with overwrite: what an earlier conversion wrote
+    try:
+        (out / "classes.txt").write_text("".join(f"{c}\n" for c in data.classes))
+        summary: dict[str, Any] = {"out": str(out), "classes": len(data.classes)}
+        for name, split in (("train", data.train), ("test", data.test)):
+            order = list(range(len(split)))
+            if shuffle and name == "train":
+                order = torch.randperm(len(split), generator=torch.Generator().manual_seed(seed)).tolist()
+            shards, skipped = _write_split(split, name, out, list(data.classes), shard_size=shard_size,
+                                           order=order, fmt=fmt, quality=quality)  # fmt: skip
+            summary[name] = {"shards": len(shards), "samples": sum(s["nsamples"] for s in shards),
+                             "skipped": skipped, "index": str(out / f"{name}.json")}  # fmt: skip
+    except BaseException:
+        # A conversion that stops leaves nothing half-written, so that the same command can run
+        # again once the cause is fixed.
+        _remove_written(out)
+        raise
+    return summary
+
+
+def _remove_written(out: Path) -> None:
+    for old in out.iterdir():
         if _WRITTEN.fullmatch(old.name):
             old.unlink()
-    (out / "classes.txt").write_text("".join(f"{c}\n" for c in data.classes))
-    summary: dict[str, Any] = {"out": str(out), "classes": len(data.classes)}
-    for name, split in (("train", data.train), ("test", data.test)):
-        order = list(range(len(split)))
-        if shuffle and name == "train":
-            order = torch.randperm(len(split), generator=torch.Generator().manual_seed(seed)).tolist()
-        shards, skipped = _write_split(split, name, out, list(data.classes), shard_size=shard_size,
-                                       order=order, fmt=fmt, quality=quality)  # fmt: skip
-        summary[name] = {"shards": len(shards), "samples": sum(s["nsamples"] for s in shards),
-                         "skipped": skipped, "index": str(out / f"{name}.json")}  # fmt: skip
-    return summary
 
 
 def _iter_splits(data: ImageData) -> Iterator[tuple[str, Split | FileSplit]]:

@@ -53,7 +53,7 @@ log = logging.getLogger(__name__)
 # What PIL raises for a file that is not an image, is truncated or corrupt, or is too large.
 _BROKEN = (UnidentifiedImageError, OSError, ValueError, SyntaxError, Image.DecompressionBombError)
 
-_SHRINK = "downscale it (the limit is PIL.Image.MAX_IMAGE_PIXELS, which guards against decompression bombs)"
+_SHRINK = "downscale it"
 
 
 class UnreadableImage(DataError):
@@ -82,7 +82,8 @@ def _check_pixels(width: int, height: int, name: str | Path) -> None:
     limit = Image.MAX_IMAGE_PIXELS
     if limit is not None and width * height > limit:
         pixels = f"{width}×{height} = {width * height:,} pixels"
-        raise UnreadableImage(name, f"it is {pixels}, more than the limit of {limit:,}", _SHRINK)
+        limit_is = f"the {limit:,} of PIL.Image.MAX_IMAGE_PIXELS, the decompression-bomb limit"
+        raise UnreadableImage(name, f"it is {pixels}, more than {limit_is}", _SHRINK)
 
 
 # The frame headers (SOF0-SOF15 but DHT, JPG and DAC, which share their range) hold the size.
@@ -152,6 +153,7 @@ def _libjpeg_messages(name: str | Path) -> Iterator[None]:
             os.lseek(fd, 0, os.SEEK_SET)
             said = os.read(fd, min(written, 4096)).decode("utf-8", "replace").strip()
             os.ftruncate(fd, 0)
+            os.lseek(fd, 0, os.SEEK_SET)
             if str(name) not in _told:
                 _told.add(str(name))
                 log.warning("image %s: libjpeg: %s", name, " ".join(said.split()))
