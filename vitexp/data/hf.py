@@ -387,6 +387,7 @@ def load_hf(
 
     if streaming:
         if names is None:
+            head: dict[str, Any]
             with _datasets_errors(where):  # names in the column: say so, and how to map them
                 head = next(
                     iter(first.select_columns([label_column]).iter(batch_size=16)), {label_column: []}

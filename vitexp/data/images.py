@@ -277,7 +277,7 @@ def decode_image(data: bytes, channels: int, name: str | Path) -> Tensor:
 def _fits(data: Tensor) -> bool:
     """Whether an encoded JPEG's header allows decoding it (`_check_pixels`)."""
     try:
-        _check_jpeg(memoryview(data.cpu().numpy()), "")
+        _check_jpeg(data.cpu().numpy().data, "")
     except UnreadableImage:
         return False
     return True
