@@ -119,16 +119,21 @@ def _datasets_reason(error: BaseException, records: list[logging.LogRecord]) -> 
     return (f"{named}: " if named else "") + "; ".join(dict.fromkeys(lines)) + "; check its data files"
 
 
+def _datasets_failures() -> tuple[type[Exception], ...]:
+    """What `datasets` raises for data it cannot read."""
+    import datasets
+    from datasets.table import CastError
+
+    return datasets.exceptions.DatasetBuildError, CastError
+
+
 @contextlib.contextmanager
 def _datasets_errors(what: str) -> Iterator[None]:
     """While `datasets` builds or reads a dataset: a failure to read its data becomes one
     DataError line naming `what` and the file, instead of the page of schemas that `datasets`
     logs (at ERROR, through its own handler and the root logger) before raising, or its
     multi-line CastError. Its log records are held meanwhile and shown as usual unless the
-    failure is the one reported."""
-    import datasets
-    from datasets.table import CastError
-
+    failure is the one reported. Never around a `yield`: the logger is the process's."""
     root = logging.getLogger("datasets")
     held = _Held()
     saved = root.handlers[:], root.propagate
@@ -136,7 +141,7 @@ def _datasets_errors(what: str) -> Iterator[None]:
     reported = False
     try:
         yield
-    except (datasets.exceptions.DatasetBuildError, CastError) as e:
+    except _datasets_failures() as e:
         reported = True
         raise DataError(f"{what} cannot be read by datasets: {_datasets_reason(e, held.records)}") from e
     finally:
@@ -211,28 +216,30 @@ class HFStreamReader(ShardReader):
         return f"{self.name} shard {index}"
 
     def samples(self, shard: Shard) -> Iterator[RawSample]:
-        index = int(shard.url.rsplit(" ", 1)[1])
-        part = self.stream.shard(num_shards=self.stream.num_shards, index=index)
+        part = self.stream.shard(num_shards=self.stream.num_shards, index=int(shard.url.rsplit(" ", 1)[1]))
         row = 0
         try:
             # `iter`, not `for row in part`: inside a DataLoader worker a datasets IterableDataset
             # would keep only the shards it assigns to that worker.
-            with _datasets_errors(shard.url):
-                for batch in part.iter(batch_size=64):
-                    for cell, label in zip(batch[self.image_column], batch[self.label_column], strict=True):
-                        where = f"{shard.url} row {row}"
-                        row += 1
-                        try:
-                            index = self.labels.indices([label], shard.url, row - 1)[0]
-                            yield RawSample(where, image=_image_bytes(cell, where), label=index)
-                        except UnreadableImage as e:
-                            yield RawSample(where, error=e.reason)
-                        except VitexpError as e:  # a label; checked at start-up, so the data changed
-                            yield RawSample(where, error=str(e))
+            for batch in part.iter(batch_size=64):
+                for cell, label in zip(batch[self.image_column], batch[self.label_column], strict=True):
+                    yield self._sample(cell, label, shard.url, row)
+                    row += 1
         except OSError as e:  # the network or a file, while streaming
             raise ShardUnavailable(f"it cannot be read on ({type(e).__name__}: {e})") from e
-        except DataError as e:
-            raise ShardUnavailable(str(e)) from e
+        except _datasets_failures() as e:  # the counting at start-up read the same files
+            raise ShardUnavailable(f"it cannot be read on ({_datasets_reason(e, [])})") from e
+
+    def _sample(self, cell: Any, label: Any, url: str, row: int) -> RawSample:
+        where = f"{url} row {row}"
+        try:
+            return RawSample(
+                where, image=_image_bytes(cell, where), label=self.labels.indices([label], url, row)[0]
+            )
+        except UnreadableImage as e:
+            return RawSample(where, error=e.reason)
+        except VitexpError as e:  # a label: checked at start-up, so the data changed since
+            return RawSample(where, error=str(e))
 
 
 # --------------------------------------------------------------------------- opening
