@@ -481,18 +481,20 @@ def test_the_shards_command_reads_every_source_image_first(source, tmp_path, cap
 
 
 def _documented_commands() -> list[str]:
-    """The data commands the docs show: conf/dataset/*.yaml and conf/shards.yaml comments, and
-    the README's `python -m vitexp ...` spans that name dataset=wds or dataset=hf or vitexp.shards."""
+    """The data commands the docs show: the comments of conf/dataset/*.yaml and conf/shards.yaml
+    (which tests/test_docs.py does not read), and the lines and `spans` of docs/data.md and the
+    README that run `python -m vitexp` on dataset=wds|hf or `python -m vitexp.shards`."""
     found = []
     for path in [*sorted((REPO / "conf" / "dataset").glob("*.yaml")), REPO / "conf" / "shards.yaml"]:
         for line in path.read_text().splitlines():
             match = re.match(r"#\s+(python -m vitexp\S* \S+=.*?)(\s{2,}\(.*\))?$", line)
             if match:
                 found.append(match[1])
-    readme = (REPO / "README.md").read_text()
-    for span in re.findall(r"`(python -m vitexp[^`]*)`", readme):
-        if re.search(r"dataset=(wds|hf)|vitexp\.shards", span):
-            found.append(" ".join(span.split()))
+    for page in (REPO / "docs" / "data.md", REPO / "README.md"):
+        text = page.read_text()
+        lines = re.findall(r"^(python -m vitexp.*)$", text, re.MULTILINE)
+        spans = re.findall(r"`(python -m vitexp[^`]*)`", text)
+        found += [c for c in lines + spans if "=" in c and re.search(r"dataset=(wds|hf)|vitexp\.shards", c)]
     return found
 
 
@@ -508,7 +510,7 @@ def test_documented_data_commands_parse_as_written(tmp_path):
     assert any("{000000..000146}" in c for c in commands) and any(c.startswith("python -m vitexp.shards")
                                                                    for c in commands)  # fmt: skip
     for command in commands:
-        words = shlex.split(command)
+        words = shlex.split(command, comments=True)
         module, args = words[2], [a for a in words[3:] if a != "..." and not a.startswith("[")]
         args = [re.sub(r"\b(K|ORG/NAME|DIR|SHARDS)\b", lambda m: PLACEHOLDERS[m[1]], a) for a in args]
         parsed = OverridesParser.create().parse_overrides(args)
