@@ -247,8 +247,8 @@ def _unknown_key(key: str, config_name: str, overrides: list[str], addable: bool
 
 # --------------------------------------------------------------------------- reading overrides
 
-# What Hydra's grammar reads as syntax in an unquoted value, and so what quoting fixes.
-_SYNTAX = "{}[]#,()'\"\\"
+# What Hydra's grammar takes in an unquoted value; anything else needs quotes.
+_UNQUOTED = re.compile(r"[\w/\-\\+.$%*@?|: ]")
 
 
 def quoted(line: str) -> str | None:
@@ -278,9 +278,10 @@ def parse_overrides(overrides: Sequence[str]) -> list[Override]:
         fix = quoted(e.override)
         if fix is not None:
             value = e.override.partition("=")[2]
-            reserved = " ".join(dict.fromkeys(c for c in value if c in _SYNTAX))
+            reserved = " or ".join(dict.fromkeys(c for c in value if not _UNQUOTED.fullmatch(c)))
             raise ConfigError(
-                f"{e.override}: Hydra's override grammar reads {reserved} as syntax; quote the value: {fix}"
+                f"{e.override}: Hydra's override grammar takes no {reserved} in an unquoted value; "
+                f"quote it: {fix}"
             ) from e
         detail = e.message.splitlines()[0] if e.message else "not an override"
         raise ConfigError(
