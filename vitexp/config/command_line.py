@@ -199,13 +199,12 @@ def translate(e: Exception, config_name: str, overrides: list[str]) -> str:
         if expected:
             return f"{cause.full_key}={value} must be {expected}{source}"
         return f"{cause.full_key}={value}{source}: {(cause.msg or str(cause)).splitlines()[0]}"
-    if kind == "already set":
-        key = ALREADY_SET.match(message)[1]  # type: ignore[index]
-        return f"+{key}: {key} is set already; drop the + to change it"
-    if kind == "fixed section":
-        override = DELETE_OVERRIDE.match(message)[1]  # type: ignore[index]
-        key = override[1:].split("=")[0]
-        return f"{override}: {key.rsplit('.', 1)[0]} has a fixed set of settings; set {key}=... instead"
+    already_set, deleted = ALREADY_SET.match(message), DELETE_OVERRIDE.match(message)
+    if kind == "already set" and already_set:
+        return f"+{already_set[1]}: {already_set[1]} is set already; drop the + to change it"
+    if kind == "fixed section" and deleted:
+        key = deleted[1][1:].split("=")[0]
+        return f"{deleted[1]}: {key.rsplit('.', 1)[0]} has a fixed set of settings; set {key}=... instead"
     if cause is not None and cause is not e:
         message += ": " + (cause.msg or str(cause)).splitlines()[0]
     return message
