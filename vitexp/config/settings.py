@@ -52,10 +52,6 @@ class Range:
         below = value <= high if self.interval[-1] == "]" else value < high
         return bool(above and below)
 
-    @property
-    def shows(self) -> str:
-        return self.interval
-
 
 @dataclasses.dataclass(frozen=True)
 class Choices:
@@ -234,7 +230,8 @@ def trainer_settings(cfg: DictConfig) -> TrainerConfig:
 @dataclasses.dataclass(frozen=True)
 class Declared:
     """A declared setting as validation and `--help` read it: its dotted key, type (`int`,
-    `float | None`, ...), domain, and for trainer settings the doc, default and resume policy."""
+    `float | None`, ...), domain, and for trainer settings the doc, default and resume policy.
+    The other groups' settings are declared as such directly (`GROUP_SETTINGS`)."""
 
     key: str
     hint: Any
@@ -267,48 +264,52 @@ class Declared:
             return None
         return f"must be {describe_hint(self.hint)}"
 
-
-def group_setting(key: str, hint: Any, domain: Domain) -> Declared:
-    return Declared(key=key, hint=hint, domain=domain)
+    @property
+    def shows(self) -> str:
+        """The values it may take, in words (`integer in [1, inf) or null`), for `--help`."""
+        if isinstance(self.domain, Range):
+            kind = "integer" if int in self.kinds else "number"
+            return f"{kind} in {self.domain.interval}" + (" or null" if self.nullable else "")
+        return self.domain.shows if self.domain is not None else describe_hint(self.hint)
 
 
 # Settings of the other groups with a domain (their defaults: the groups' YAML files). A key
 # an option does not have is skipped (optimizer.momentum exists for SGD only). Model
 # arguments are checked by the models themselves.
 GROUP_SETTINGS = (
-    group_setting("optimizer.lr", float, Range("(0, inf)", "must be positive")),
-    group_setting("optimizer.weight_decay", float, Range("[0, inf)", "must not be negative")),
-    group_setting("optimizer.momentum", float, Range("[0, 1)", "must be in [0, 1) (0.9 is usual)")),
-    group_setting(
+    Declared("optimizer.lr", float, Range("(0, inf)", "must be positive")),
+    Declared("optimizer.weight_decay", float, Range("[0, inf)", "must not be negative")),
+    Declared("optimizer.momentum", float, Range("[0, 1)", "must be in [0, 1) (0.9 is usual)")),
+    Declared(
         "scheduler.warmup_steps",
         int | None,
         Range("[0, inf)", "must not be negative, or null to count the warmup in epochs"),
     ),
-    group_setting("scheduler.warmup_epochs", float, Range("[0, inf)", "must not be negative")),
-    group_setting(
+    Declared("scheduler.warmup_epochs", float, Range("[0, inf)", "must not be negative")),
+    Declared(
         "scheduler.min_lr_ratio",
         float,
         Range("[0, 1]", "must be in [0, 1] (the final learning rate over optimizer.lr)"),
     ),
-    group_setting(
+    Declared(
         "dataset.val_split",
         float,
         Range("[0, 1)", "must be in [0, 1) (the share of training images held out for evaluation)"),
     ),
-    group_setting(
+    Declared(
         "dataset.num_workers",
         int | None,
         Range("[0, inf)", "must not be negative, or null for this process's share of the cores"),
     ),
-    group_setting(
+    Declared(
         "dataset.shuffle_buffer",
         int,
         Range(
             "[0, inf)", "must not be negative (training samples shuffled in windows of this many; 0: none)"
         ),
     ),
-    group_setting("dataset.on_error", str, Choices(("fail", "skip"))),
-    group_setting("seed", int, Range("[0, inf)", "must not be negative")),
+    Declared("dataset.on_error", str, Choices(("fail", "skip"))),
+    Declared("seed", int, Range("[0, inf)", "must not be negative")),
 )
 
 
@@ -358,11 +359,7 @@ def settings_help() -> str:
     for s in declared().values():
         if s.on_resume is None:
             continue
-        kind = " or ".join("integer" if k is int else "number" if k is float else "" for k in s.kinds).strip()
-        domain = s.domain.shows if s.domain is not None else describe_hint(s.hint)
-        if isinstance(s.domain, Range):
-            domain = f"{kind} in {domain}" + (" or null" if s.nullable else "")
         policy = {"free": "", "same_run": " [defines the run]", "fixed": " [fixed for the run]"}[s.on_resume]
-        rows.append((f"{s.key}={_yaml(s.default)}", domain, s.doc + policy))
+        rows.append((f"{s.key}={_yaml(s.default)}", s.shows, s.doc + policy))
     width = [max(len(row[i]) for row in rows) for i in (0, 1)]
     return "\n".join(f"{a:<{width[0]}}  {b:<{width[1]}}  {c}" for a, b, c in rows)
