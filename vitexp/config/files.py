@@ -15,6 +15,8 @@ from pathlib import Path
 from hydra.core.config_store import ConfigStore
 from omegaconf import OmegaConf
 
+from vitexp.config.settings import settings_help
+
 _PACKAGE = Path(__file__).resolve().parent.parent  # vitexp/
 
 
@@ -63,8 +65,6 @@ def register_resolvers() -> None:
 
     `${settings_help:}`: the trainer settings with their defaults, domains and docs, for the
     `--help` template of conf/config.yaml."""
-    from vitexp.config.settings import settings_help
-
     OmegaConf.register_new_resolver(
         "launch_time",
         lambda pattern: (_launch_time or datetime.datetime.now()).strftime(pattern),

@@ -73,14 +73,17 @@ class Choices:
 
 @dataclasses.dataclass(frozen=True)
 class Pattern:
-    """A string matching `regex` (whole); `shows` is the domain in words for `--help`."""
+    """A string, or an integer, whose text matches `regex` (whole): a name with a number in it
+    (`cuda:1`), or a word or a number (`auto | N`, for a setting typed `Any`). `shows` is the
+    domain in words for `--help`."""
 
     regex: str
     shows: str
     says: str
 
     def holds(self, value: Any) -> bool:
-        return isinstance(value, str) and re.fullmatch(self.regex, value) is not None
+        written = isinstance(value, str | int) and not isinstance(value, bool)
+        return written and re.fullmatch(self.regex, str(value)) is not None
 
 
 Domain = Range | Choices | Pattern
