@@ -19,22 +19,38 @@ The check of the command line itself (did-you-mean, Hydra's messages in one line
 from __future__ import annotations
 
 import contextlib
-import importlib.util
 import logging
 import math
 import os
 import sys
 import traceback
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
 
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
-from vitexp.config import command_line, missing_keys
+from vitexp.config import missing_keys
+from vitexp.config.command_line import LAUNCHER_NEEDS, check_command_line
 from vitexp.errors import ConfigError, VitexpError
+
+# LAUNCHER_NEEDS and check_command_line come from vitexp.config.command_line: one check for
+# every command.
+__all__ = [
+    "LAUNCHER_NEEDS",
+    "check_command_line",
+    "check_command_line_or_exit",
+    "debug",
+    "default_output",
+    "exit_on_error",
+    "job_errors",
+    "one_line_errors",
+    "require_settings",
+    "run_command",
+    "run_job",
+]
 
 log = logging.getLogger("vitexp")
 
@@ -131,29 +147,6 @@ def one_line_errors(cfg: DictConfig) -> Iterator[None]:
     with job_errors():
         require_settings(cfg)
         yield
-
-
-# What the launchers vitexp ships (hydra_plugins/vitexp_sweeps) import when a sweep starts,
-# beyond vitexp's own dependencies: launcher class -> (its option, module, extra).
-LAUNCHER_NEEDS = {
-    "hydra_plugins.vitexp_sweeps.local_gpus.LocalGPUsLauncher": ("local_gpus", "ray", "ray"),
-}
-
-
-def check_launcher_installed(cfg: DictConfig) -> None:
-    """The sweep's launcher can start: else one line naming the extra to install, rather than
-    the traceback it would end with once the sweep has begun."""
-    need = LAUNCHER_NEEDS.get(str(OmegaConf.select(cfg, "hydra.launcher._target_")))
-    if need is not None and importlib.util.find_spec(need[1]) is None:
-        raise ConfigError(f"hydra/launcher={need[0]} needs {need[1]}: pip install -e '.[{need[2]}]'")
-
-
-def check_command_line(
-    config_name: str, argv: Sequence[str], check: Callable[[DictConfig], Any] | None = None
-) -> None:
-    """`vitexp.config.command_line.check_command_line`, and for a sweep whether its launcher
-    can start."""
-    command_line.check_command_line(config_name, argv, check, check_sweep=check_launcher_installed)
 
 
 def check_command_line_or_exit(config_name: str, check: Callable[[DictConfig], Any] | None = None) -> None:

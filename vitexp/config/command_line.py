@@ -18,6 +18,7 @@ import argparse
 import contextlib
 import dataclasses
 import difflib
+import importlib.util
 import io
 import re
 import shlex
@@ -402,11 +403,23 @@ def _jobs(overrides: list[Override]) -> list[list[str]]:
     return jobs
 
 
+# What the launchers vitexp ships (hydra_plugins/vitexp_sweeps) import when a sweep starts,
+# beyond vitexp's own dependencies: launcher class -> (its option, module, extra).
+LAUNCHER_NEEDS = {
+    "hydra_plugins.vitexp_sweeps.local_gpus.LocalGPUsLauncher": ("local_gpus", "ray", "ray"),
+}
+
+
+def check_launcher_installed(cfg: DictConfig) -> None:
+    """The sweep's launcher can start: else one line naming the extra to install, rather than
+    the traceback it would end with once the sweep has begun."""
+    need = LAUNCHER_NEEDS.get(str(OmegaConf.select(cfg, "hydra.launcher._target_")))
+    if need is not None and importlib.util.find_spec(need[1]) is None:
+        raise ConfigError(f"hydra/launcher={need[0]} needs {need[1]}: pip install -e '.[{need[2]}]'")
+
+
 def check_command_line(
-    config_name: str,
-    argv: Sequence[str],
-    check: Callable[[DictConfig], Any] | None = None,
-    check_sweep: Callable[[DictConfig], Any] | None = None,
+    config_name: str, argv: Sequence[str], check: Callable[[DictConfig], Any] | None = None
 ) -> None:
     """Compose `config_name` with the command line's overrides, as Hydra is about to (every
     value of a sweep too), and raise one ConfigError line for what fails: an unknown key or
@@ -414,8 +427,8 @@ def check_command_line(
     an override Hydra cannot parse (with its quoted form when that is the fix). For a single
     run `check(cfg)` (e.g. `config.validate`) then judges the values, before Hydra makes a run
     directory; in a sweep each job does, so that one bad value fails its own job only, and
-    `check_sweep(cfg)` judges whether the sweep can start. Does nothing for a command line
-    only Hydra can judge (--info, another config dir)."""
+    the sweep's launcher must be installed. Does nothing for a command line only Hydra can
+    judge (--info, another config dir)."""
     args = _hydra_args(argv)
     if args is None:
         return
@@ -432,8 +445,8 @@ def check_command_line(
             if i > 0:
                 continue
             multirun = args.multirun or cfg.hydra.mode == RunMode.MULTIRUN
-            if multirun and check_sweep is not None:
-                check_sweep(cfg)
+            if multirun:
+                check_launcher_installed(cfg)
             if sweeps and not multirun:
                 raise _several_values(sweeps[0])
             showing = args.help or args.hydra_help or args.cfg or args.info
