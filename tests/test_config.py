@@ -32,7 +32,7 @@ GROUPS = ["model", "dataset", "optimizer", "scheduler", "trainer", "logger"]
 
 
 def options(group: str) -> list[str]:
-    return sorted(p.stem for p in (conf_dir() / group).glob("*.yaml"))
+    return group_options(group)  # conf/GROUP/*.yaml, or ConfigStore entries (trainer=default)
 
 
 def test_defaults_compose_and_resolve():

@@ -43,3 +43,25 @@ class TrainingDiverged(VitexpError):
     def __init__(self, message: str, step: int) -> None:
         super().__init__(message)
         self.step = step
+
+
+def with_context(error: VitexpError, context: str) -> VitexpError:
+    """A new error of `error`'s kind whose message is `context: message`, to be raised `from
+    error`. The kind (ConfigError, DataError, ...) keeps the exit status; the class itself is
+    never called (`type(error)(...)`), since a subclass may take other arguments."""
+    message = f"{context}: {error}"
+    for kind in (ConfigError, DataError):
+        if isinstance(error, kind):
+            return kind(message)
+    wrapped = VitexpError(message)
+    wrapped.exit_code = error.exit_code
+    return wrapped
+
+
+def first_line(error: BaseException | str, limit: int = 160) -> str:
+    """The first line of an exception's message (at most `limit` characters), or its type when
+    the message is empty: a third-party error quoted inside one of vitexp's one-line messages."""
+    text = str(error).strip()
+    if not text:
+        return type(error).__name__
+    return text.splitlines()[0][:limit]

@@ -11,20 +11,19 @@ import numpy as np
 import torch
 from torch import nn
 
+from vitexp.config import DEVICES, PRECISIONS, Choices, check_value
 from vitexp.errors import ConfigError
-
-PRECISIONS = ("fp32", "bf16", "fp16")
 
 
 def pick_device(name: str, setting: str = "device") -> torch.device:
     """`auto` (CUDA when present, else CPU), or a device name that must exist; `setting` is
-    the config key that named it, for the error message."""
+    the config key that named it, for the error message. The name is checked against the
+    declared domain of device names (`vitexp.config.DEVICES`), as `validate` checks
+    `trainer.device`; here, whether that device exists."""
+    check_value(setting, name, DEVICES)
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError as e:
-        raise ConfigError(f"{setting}={name!r} is not a device name; use auto, cpu, cuda or cuda:N") from e
+    device = torch.device(name)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError(f"{setting}={name} but no CUDA GPU is visible; use {setting}=auto or cpu")
     if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
@@ -32,25 +31,24 @@ def pick_device(name: str, setting: str = "device") -> torch.device:
             f"{setting}={name} but only {torch.cuda.device_count()} GPU(s) are visible (cuda:0 to "
             f"cuda:{torch.cuda.device_count() - 1})"
         )
-    if device.type not in ("cpu", "cuda"):
-        raise ConfigError(f"{setting}={name}: vitexp runs on cpu or cuda")
     return device
 
 
 def autocast_context(
     device: torch.device, precision: str, setting: str = "precision"
 ) -> contextlib.AbstractContextManager:
-    """Decided once per run: bf16/fp16 autocast, or nothing for fp32."""
+    """Decided once per run: bf16/fp16 autocast, or nothing for fp32. The name is checked
+    against the declared choices (`vitexp.config.PRECISIONS`), as `validate` checks
+    `trainer.precision`; here, whether the device computes it."""
+    check_value(setting, precision, Choices(PRECISIONS))
     check_precision(device, precision, setting)
-    if precision == "fp32":
-        return contextlib.nullcontext()
     if precision == "bf16":
         return torch.autocast(device.type, dtype=torch.bfloat16)
     if precision == "fp16":
         if device.type != "cuda":
             raise ConfigError(f"{setting}=fp16 needs a CUDA GPU; use {setting}=bf16 on the CPU")
         return torch.autocast("cuda", dtype=torch.float16)
-    raise ConfigError(f"{setting}={precision!r} is not one of {', '.join(PRECISIONS)}")
+    return contextlib.nullcontext()
 
 
 def configure_backends(device: torch.device, *, deterministic: bool = False) -> None:

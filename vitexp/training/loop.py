@@ -24,7 +24,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch import Tensor, nn
 from tqdm import tqdm
 
-from vitexp.config import validate
+from vitexp.config import plain, validate
 from vitexp.errors import ConfigError, TrainingDiverged
 from vitexp.training import distributed, resume, rundir
 from vitexp.training.checkpoint import read_training_checkpoint, require_resumable, save_checkpoint
@@ -35,7 +35,7 @@ from vitexp.training.metrics import LossWindow, evaluate
 from vitexp.training.optim import set_lr
 from vitexp.training.preemption import Preempted, PreemptionGuard
 from vitexp.training.records import log_sample_predictions, open_loggers, write_summary
-from vitexp.training.setup import LossFn, Run, Step, build, max_epochs, plain
+from vitexp.training.setup import LossFn, Run, Step, build, max_epochs
 from vitexp.training.state import Checkpointer, CheckpointWriter, TrainState, gather_rank_streams
 
 log = logging.getLogger(__name__)

@@ -10,9 +10,10 @@ from typing import Any
 
 import torch
 
+from vitexp.config import instantiate_group
 from vitexp.training.context import RunContext
 from vitexp.training.loggers import JsonlLogger, Loggers, git_state, write_json
-from vitexp.training.setup import Run, instantiate_group
+from vitexp.training.setup import Run
 from vitexp.training.state import TrainState
 from vitexp.viz import has_attention_maps, sample_images, save_attention_grid
 

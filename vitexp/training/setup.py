@@ -9,28 +9,26 @@ which objects the run uses.
 from __future__ import annotations
 
 import contextlib
-import difflib
 import functools
 import logging
 import math
 import os
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from hydra.errors import InstantiationException
-from hydra.utils import get_object, instantiate
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 
+from vitexp.config import check_batch_split, check_target_arguments, instantiate_group, plain
 from vitexp.data import BatchTransform, FileSplit, ImageData, Split, carve_validation, make_loader
 from vitexp.data.augment import RandAugment, TrivialAugment, mixup_cutmix
 from vitexp.data.loaders import DeviceLoader, FolderLoader
-from vitexp.errors import ConfigError, DataError, VitexpError
+from vitexp.errors import ConfigError, VitexpError, with_context
 from vitexp.models import build_model
-from vitexp.registry import HYDRA_KEYS, unknown_argument
 from vitexp.runtime import (
     autocast_context,
     configure_backends,
@@ -40,7 +38,6 @@ from vitexp.runtime import (
     unwrap,
 )
 from vitexp.training import distributed
-from vitexp.training.checkpoint import first_line
 from vitexp.training.distributed import World
 from vitexp.training.ema import Ema
 from vitexp.training.optim import Schedule, make_schedule, param_groups
@@ -48,48 +45,6 @@ from vitexp.training.optim import Schedule, make_schedule, param_groups
 log = logging.getLogger(__name__)
 
 LossFn = Callable[[Tensor, Tensor], Tensor]
-
-
-# --------------------------------------------------------------------------- building from configs
-
-
-def _check_arguments(what: str, node: Mapping[str, Any]) -> None:
-    """An argument the target does not take is the user's typo, not a TypeError to trace."""
-    target = node.get("_target_")
-    if not isinstance(target, str):
-        return
-    try:
-        fn = get_object(target)
-    except (ImportError, AttributeError, ValueError) as e:
-        raise ConfigError(f"{what}._target_={target} cannot be imported ({first_line(e)})") from e
-    problem = unknown_argument(fn, [k for k in node if k not in HYDRA_KEYS])
-    if problem is not None:
-        key, names = problem
-        close = difflib.get_close_matches(key, names, n=1)
-        hint = f"; did you mean {what}.{close[0]}?" if close else f" (it takes {', '.join(names)})"
-        raise ConfigError(f"{what}.{key} is not an argument of {target.rsplit('.', 1)[-1]}{hint}")
-
-
-def instantiate_group(key: str, node: Any, *args: Any, label: str | None = None, **kwargs: Any) -> Any:
-    """Hydra's `instantiate` for the config at `key`: a vitexp error raised while building is
-    reported as one line starting with `label` (default: `key`); any other exception is a bug
-    and keeps its traceback."""
-    if isinstance(node, DictConfig | Mapping):
-        _check_arguments(key, node)
-    try:
-        return instantiate(node, *args, **kwargs)
-    except InstantiationException as e:
-        cause = e.__cause__
-        if isinstance(cause, ConfigError | DataError):
-            raise type(cause)(f"{label or key}: {cause}") from cause
-        raise
-
-
-def plain(node: Any) -> dict[str, Any]:
-    """A config node as a plain dict with string keys, interpolations resolved."""
-    container = OmegaConf.to_container(node, resolve=True)
-    assert isinstance(container, dict)
-    return {str(k): v for k, v in container.items()}
 
 
 def build_transform(cfg: DictConfig, img_size: tuple[int, int]) -> BatchTransform:
@@ -206,11 +161,11 @@ def _build_model(cfg: DictConfig, device: torch.device, *, resuming: bool) -> nn
     try:
         return build_model(cfg.model, load_pretrained=not resuming).to(device)
     except InstantiationException as e:
-        if isinstance(e.__cause__, ConfigError | DataError):
-            raise type(e.__cause__)(f"model: {e.__cause__}") from e.__cause__
+        if isinstance(e.__cause__, VitexpError):
+            raise with_context(e.__cause__, "model") from e.__cause__
         raise
     except VitexpError as e:
-        raise type(e)(f"model: {e}") from e
+        raise with_context(e, "model") from e
 
 
 def default_workers() -> int:
@@ -263,7 +218,7 @@ def _loaders(
 
 def _schedule(cfg: DictConfig, steps_per_epoch: int, total_steps: int) -> Schedule:
     scheduler_cfg = plain(cfg.scheduler)
-    _check_arguments("scheduler", {k: v for k, v in scheduler_cfg.items() if k != "warmup_epochs"})
+    check_target_arguments("scheduler", {k: v for k, v in scheduler_cfg.items() if k != "warmup_epochs"})
     schedule = make_schedule(scheduler_cfg, steps_per_epoch=steps_per_epoch)
     # Warmup in epochs against a run in steps: only now are both in one unit (`validate`
     # warns about the cases it can judge from the config alone).
@@ -330,11 +285,7 @@ def build(cfg: DictConfig, world: World, *, resuming: bool = False, loss_fn: Los
     will replace the initial weights (pretrained ones are then not read); `loss_fn` replaces
     the configured cross-entropy (tests use it to inject faults without patching torch)."""
     t = cfg.trainer
-    if t.batch_size % (world.size * t.grad_accum_steps):
-        raise ConfigError(
-            f"trainer.batch_size={t.batch_size} does not split evenly over {world.size} processes × "
-            f"{t.grad_accum_steps} accumulation steps; use a multiple of {world.size * t.grad_accum_steps}"
-        )
+    check_batch_split(t.batch_size, t.grad_accum_steps, world.size)
     # The seed decides the initial weights: seeded before the model draws them.
     seed_everything(int(cfg.seed))
     device = distributed.device_for(world, str(pick_device(str(t.device), "trainer.device")))
