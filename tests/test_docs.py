@@ -28,10 +28,11 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.types import RunMode
 from omegaconf import DictConfig, open_dict
 
-import vitexp.cli
+import vitexp.config.command_line
 from tests.helpers import REPO
-from vitexp.cli import _hydra_args, check_command_line, require_settings
+from vitexp.cli import check_command_line, require_settings
 from vitexp.config import conf_dir, validate
+from vitexp.config.command_line import hydra_args
 from vitexp.errors import ConfigError
 from vitexp.models.weights.sources import find_named
 
@@ -190,9 +191,9 @@ def check_hydra_command(command: Command, monkeypatch: pytest.MonkeyPatch) -> No
         composed.append(cfg)
         return cfg
 
-    monkeypatch.setattr(vitexp.cli, "compose", recording_compose)
+    monkeypatch.setattr(vitexp.config.command_line, "compose", recording_compose)
     check_command_line(config_name, args, check)
-    parsed_args = _hydra_args(args)
+    parsed_args = hydra_args(args)
     assert parsed_args is not None, f"Hydra itself would have to read {command.text}"
     overrides = OverridesParser.create().parse_overrides(parsed_args.overrides)
     weights = [o for o in overrides if o.key_or_group == "model.pretrained" and not o.is_sweep_override()]

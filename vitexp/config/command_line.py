@@ -309,7 +309,7 @@ def _several_values(override: Override) -> ConfigError:
 # --------------------------------------------------------------------------- the check
 
 
-def _hydra_args(argv: Sequence[str]) -> argparse.Namespace | None:
+def hydra_args(argv: Sequence[str]) -> argparse.Namespace | None:
     """Hydra's own reading of the command line; None when Hydra itself should handle it
     (a malformed command line, --version, --info, shell completion, another config dir)."""
     from hydra._internal.utils import get_args_parser
@@ -429,7 +429,7 @@ def check_command_line(
     directory; in a sweep each job does, so that one bad value fails its own job only, and
     the sweep's launcher must be installed. Does nothing for a command line only Hydra can
     judge (--info, another config dir)."""
-    args = _hydra_args(argv)
+    args = hydra_args(argv)
     if args is None:
         return
     config_name = args.config_name or config_name
