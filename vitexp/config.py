@@ -137,6 +137,7 @@ class TrainerConfig:
     cutmix_alpha: float = MISSING
     ema_decay: float | None = MISSING
     eval_hflip: bool = MISSING
+    num_threads: Any = MISSING  # auto or a positive integer (OmegaConf has no int | str)
 
 
 # A root-level entry, not an option of the trainer group: conf/trainer/default.yaml names it
@@ -234,7 +235,7 @@ def suggest_key(
 # --------------------------------------------------------------------------- validation
 
 MONITORS = ("val/acc1", "val/acc5", "val/loss")
-PRECISIONS = ("fp32", "bf16", "fp16")
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 _DEVICE = re.compile(r"auto|cpu|cuda(:\d+)?")
 
 
@@ -432,6 +433,11 @@ def validate(cfg: DictConfig) -> list[str]:
         raise ConfigError(
             f"trainer.device={_show(device)} is not a device name; use auto, cpu, cuda or cuda:N"
         )
+    threads = get("trainer.num_threads")
+    if threads not in (_ABSENT, "auto") and (
+        isinstance(threads, bool) or not isinstance(threads, int) or threads < 1
+    ):
+        raise ConfigError(f"trainer.num_threads={_show(threads)} must be auto or a positive integer")
     resume = get("trainer.resume")
     # The schema turns `trainer.resume=false` into the string 'False', which would be a path.
     if isinstance(resume, str) and resume.lower() in ("true", "false"):

@@ -13,7 +13,6 @@ import difflib
 import functools
 import logging
 import math
-import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -34,9 +33,11 @@ from vitexp.registry import HYDRA_KEYS, unknown_argument
 from vitexp.runtime import (
     autocast_context,
     configure_backends,
+    machine_cpu_share,
     pick_device,
     rank_seed,
     seed_everything,
+    set_threads,
     unwrap,
 )
 from vitexp.training import distributed
@@ -217,9 +218,7 @@ def default_workers() -> int:
     """Image-decoding workers per process: this process's share of the node's cores (the ones
     it may use: a SLURM job's cgroup, taskset), at most 8 (beyond that the device waits for no
     one, and each worker holds its own copy of the file list)."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    per_node = int(os.environ.get("LOCAL_WORLD_SIZE") or 1)
-    return max(1, min(8, cores // per_node))
+    return max(1, min(8, machine_cpu_share()[0]))
 
 
 def _loaders(
@@ -335,6 +334,7 @@ def build(cfg: DictConfig, world: World, *, resuming: bool = False, loss_fn: Los
             f"trainer.batch_size={t.batch_size} does not split evenly over {world.size} processes × "
             f"{t.grad_accum_steps} accumulation steps; use a multiple of {world.size * t.grad_accum_steps}"
         )
+    set_threads(t.num_threads)
     # The seed decides the initial weights: seeded before the model draws them.
     seed_everything(int(cfg.seed))
     device = distributed.device_for(world, str(pick_device(str(t.device), "trainer.device")))
