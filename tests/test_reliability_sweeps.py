@@ -25,7 +25,7 @@ from hydra_plugins.vitexp_sweeps.local_gpus import (
     cluster_address,
 )
 from tests.helpers import run_cli
-from tests.test_sweeps import RAY_ENV, needs_ray, with_repo
+from tests.test_sweeps import RAY_ENV, needs_optuna, needs_ray, with_repo
 from vitexp.errors import ConfigError
 from vitexp.report import read_sweep
 
@@ -196,3 +196,145 @@ def test_a_sweep_reaches_a_ray_cluster_started_with_ray_start_by_ray_address(tmp
     assert "Connected to Ray cluster" in log and "Started a local Ray instance" not in log
     jobs = read_sweep(sweep)
     assert sorted(j.name for j in jobs) == ["0", "1"] and all(j.status == "completed" for j in jobs)
+
+
+# --------------------------------------------------------------------------- Optuna studies
+
+
+class FakeLauncher:
+    """Runs a trial as a job would, in no time: its value is its x (or 0), and the overrides
+    of each launch are kept."""
+
+    def __init__(self) -> None:
+        self.launched: list[list[str]] = []
+
+    def launch(self, job_overrides, initial_job_idx):
+        from hydra.core.utils import JobReturn, JobStatus
+
+        results = []
+        for overrides in job_overrides:
+            self.launched.append(list(overrides))
+            values = dict(o.split("=", 1) for o in overrides)
+            result = JobReturn(overrides=list(overrides))
+            result.status = JobStatus.COMPLETED
+            result.return_value = float(values.get("x", 0))
+            results.append(result)
+        return results
+
+
+SPACE = {"x": "interval(0, 1)", "k": "choice(1, 2, 4)"}
+
+
+def sweeper(tmp_path, *, space=SPACE, direction="maximize", n_trials=2, storage=None):
+    """The plugin as Hydra sets it up, with a launcher that runs no training."""
+    import optuna
+    from omegaconf import OmegaConf
+
+    from hydra_plugins.vitexp_sweeps.resumable_optuna import ResumableOptunaSweeper
+
+    plugin = ResumableOptunaSweeper(
+        sampler=optuna.samplers.TPESampler(seed=0), direction=direction, study_name="study",
+        storage=storage or f"sqlite:///{tmp_path}/optuna.db", n_trials=n_trials, n_jobs=1,
+        max_failure_rate=0.0, search_space=None, custom_search_space=None, params=OmegaConf.create(space),
+    )  # fmt: skip
+    impl = plugin.sweeper
+    impl.config = OmegaConf.create({"hydra": {"sweep": {"dir": str(tmp_path)}}})
+    impl.hydra_context = object()
+    impl.launcher = FakeLauncher()
+    return plugin
+
+
+def stored(tmp_path):
+    import optuna
+
+    return optuna.load_study(study_name="study", storage=f"sqlite:///{tmp_path}/optuna.db").trials
+
+
+def refused(plugin, capsys) -> str:
+    """The one line a refused sweep printed (it exits 2)."""
+    capsys.readouterr()  # what came before
+    with pytest.raises(SystemExit) as exit_:
+        plugin.sweep([])
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1, err
+    return err.strip()
+
+
+@needs_optuna
+def test_a_study_rerun_with_another_search_space_or_direction_stops_in_one_line(tmp_path, capsys):
+    sweeper(tmp_path).sweep([])
+    assert [t.state.name for t in stored(tmp_path)] == ["COMPLETE", "COMPLETE"]
+    way_out = (
+        "run it as it was, start another study (hydra.sweeper.study_name=NEW_NAME) or delete this one "
+        f"(rm {tmp_path}/optuna.db)"
+    )
+    study = f"error: study study in sqlite:///{tmp_path}/optuna.db"
+    # A parameter of another kind (Optuna: "Cannot set different distribution kind"), a range
+    # changed, a parameter added, one dropped, the direction flipped.
+    assert refused(sweeper(tmp_path, space={**SPACE, "k": "interval(1, 4)"}), capsys) == (
+        f"{study} searched k over choice(1, 2, 4), this command over interval(1.0, 4.0): {way_out}"
+    )
+    assert "searched x over interval(0.0, 1.0), this command over interval(0.0, 0.5)" in refused(
+        sweeper(tmp_path, space={**SPACE, "x": "interval(0, 0.5)"}), capsys
+    )
+    assert "did not search lr, which this command searches over tag(log, interval(0.0001, 0.01))" in refused(
+        sweeper(tmp_path, space={**SPACE, "lr": "tag(log, interval(1e-4, 1e-2))"}), capsys
+    )
+    assert "searched k over choice(1, 2, 4), which this command does not search" in refused(
+        sweeper(tmp_path, space={"x": SPACE["x"]}), capsys
+    )
+    assert refused(sweeper(tmp_path, direction="minimize"), capsys) == (
+        f"{study} was run to maximize, but hydra.sweeper.direction=minimize: {way_out}"
+    )
+    # Nothing was asked of the study: the original command continues it.
+    assert [t.state.name for t in stored(tmp_path)] == ["COMPLETE", "COMPLETE"]
+    sweeper(tmp_path, n_trials=3).sweep([])
+    assert [t.state.name for t in stored(tmp_path)] == ["COMPLETE"] * 3
+
+
+@needs_optuna
+def test_a_trial_a_dead_run_left_running_without_its_parameters_is_failed_on_the_next_start(tmp_path, caplog):
+    """What a re-run with a changed parameter kind used to leave (a RUNNING trial with the
+    parameters drawn before the changed one, then Optuna's traceback), and a run killed between
+    asking for a trial and launching it."""
+    import optuna
+    from optuna.distributions import UniformDistribution
+
+    sweeper(tmp_path).sweep([])
+    study = optuna.load_study(study_name="study", storage=f"sqlite:///{tmp_path}/optuna.db")
+    stray = study.ask()
+    stray.suggest_float("x", 0, 1)
+    with pytest.raises(ValueError, match="Cannot set different distribution kind"):
+        stray._suggest("k", UniformDistribution(1, 4))  # as Hydra's sweeper draws k=interval(1, 4)
+    study.ask()  # and one that got no parameter at all
+    plugin = sweeper(tmp_path, n_trials=5)
+    with caplog.at_level("INFO"):
+        plugin.sweep([])
+    assert [t.state.name for t in stored(tmp_path)] == ["COMPLETE", "COMPLETE", "FAIL", "FAIL", "COMPLETE"]
+    for number in (2, 3):
+        assert f"trial {number} was left RUNNING without all its parameters" in caplog.text
+    assert "4 trial(s) stored, 0 of them run again, 1 of n_trials=5 to go" in caplog.text
+    assert len(plugin.sweeper.launcher.launched) == 1
+
+
+@needs_optuna
+def test_a_trial_that_was_launched_when_its_run_died_is_run_again(tmp_path):
+    import optuna
+
+    sweeper(tmp_path).sweep([])
+    study = optuna.load_study(study_name="study", storage=f"sqlite:///{tmp_path}/optuna.db")
+    trial = study.ask()
+    trial.suggest_float("x", 0, 1)
+    trial.suggest_categorical("k", [1, 2, 4])
+    plugin = sweeper(tmp_path, n_trials=3)
+    plugin.sweep([])
+    assert [t.state.name for t in stored(tmp_path)] == ["COMPLETE"] * 3
+    (again,) = plugin.sweeper.launcher.launched
+    assert "trainer.resume=auto" in again and f"x={trial.params['x']}" in again
+
+
+@needs_optuna
+def test_a_storage_that_cannot_be_opened_is_one_line(tmp_path, capsys):
+    error = refused(sweeper(tmp_path, storage="nosuchdb://user@host/db"), capsys)
+    assert error.startswith("error: hydra.sweeper.storage=nosuchdb://user@host/db cannot be opened: ")
