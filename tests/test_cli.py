@@ -247,7 +247,7 @@ def test_help_lists_no_base_and_every_trainer_setting_from_its_declaration():
         line = next(line for line in settings.splitlines() if line.startswith(f"trainer.{field.name}="))
         assert field.metadata["doc"] in line, line
     assert re.search(r"^trainer\.batch_size=128 +integer in \[1, inf\) +global batch", settings, re.M)
-    assert re.search(r"^trainer\.precision=fp32 +fp32 \| bf16 \| fp16 ", settings, re.M)
+    assert re.search(r"^trainer\.precision=fp32 +auto \| fp32 \| bf16 \| fp16 ", settings, re.M)
     assert "== Config ==" in rest and "Use --hydra-help" in rest  # Hydra's own help stays
 
 

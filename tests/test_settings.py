@@ -44,10 +44,10 @@ BAD = [
         "trainer.monitor='val/acc' is not one of val/acc1, val/acc5, val/loss; did you mean",
     ),
     (["trainer.on_nonfinite=ignore"], "trainer.on_nonfinite='ignore' is not one of stop, skip"),
-    (["trainer.precision=fp8"], "trainer.precision='fp8' is not one of fp32, bf16, fp16"),
+    (["trainer.precision=fp8"], "trainer.precision='fp8' is not one of auto, fp32, bf16, fp16"),
     (
         ["trainer.precision=bf61"],
-        "trainer.precision='bf61' is not one of fp32, bf16, fp16; did you mean bf16?",
+        "trainer.precision='bf61' is not one of auto, fp32, bf16, fp16; did you mean bf16?",
     ),
     (["trainer.device=gpu"], "trainer.device='gpu' is not a device name; use auto, cpu, cuda or cuda:N"),
     (["trainer.device=cuda:x"], "trainer.device='cuda:x' is not a device name"),

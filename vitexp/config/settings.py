@@ -89,7 +89,7 @@ class Pattern:
 Domain = Range | Choices | Pattern
 
 POSITIVE = Range("[1, inf)", "must be positive")
-PRECISIONS = ("fp32", "bf16", "fp16")
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 DEVICES = Pattern(
     r"auto|cpu|cuda(:\d+)?",
     "auto | cpu | cuda | cuda:N",
@@ -123,7 +123,10 @@ class TrainerConfig:
     )
     eval_batch_size: int = setting(512, "batch size of evaluation", domain=POSITIVE)
     precision: str = setting(
-        "fp32", "bf16: autocast (CPU or GPU); fp16: GPU only, with a GradScaler", domain=Choices(PRECISIONS)
+        "fp32",
+        "auto: bf16 where the device computes it natively, else fp32; bf16: autocast (CPU or GPU); "
+        "fp16: GPU only, with a GradScaler",
+        domain=Choices(PRECISIONS),
     )
     device: str = setting("auto", "auto: cuda if present, else cpu", domain=DEVICES)
     compile: bool = setting(False, "torch.compile the model")
@@ -211,6 +214,13 @@ class TrainerConfig:
     )
     eval_hflip: bool = setting(
         False, "also evaluate with left-right flip averaging (val_hflip/*); val/* still picks best.pt"
+    )
+    # Any: auto or an integer (OmegaConf has no int | str); ruff cannot tell the default is immutable.
+    num_threads: Any = setting(  # noqa: RUF009
+        "auto",
+        "torch CPU threads: auto (OMP_NUM_THREADS if set, else the CPUs this process may use: affinity, "
+        "cgroup quota, SLURM_CPUS_PER_TASK, shared among local ranks) or N",
+        domain=Pattern(r"auto|[1-9]\d*", "auto | N", "must be auto or a positive integer"),
     )
 
 

@@ -12,7 +12,6 @@ import contextlib
 import functools
 import logging
 import math
-import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -32,9 +31,11 @@ from vitexp.models import build_model
 from vitexp.runtime import (
     autocast_context,
     configure_backends,
+    machine_cpu_share,
     pick_device,
     rank_seed,
     seed_everything,
+    set_threads,
     unwrap,
 )
 from vitexp.training import distributed
@@ -172,9 +173,7 @@ def default_workers() -> int:
     """Image-decoding workers per process: this process's share of the node's cores (the ones
     it may use: a SLURM job's cgroup, taskset), at most 8 (beyond that the device waits for no
     one, and each worker holds its own copy of the file list)."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    per_node = int(os.environ.get("LOCAL_WORLD_SIZE") or 1)
-    return max(1, min(8, cores // per_node))
+    return max(1, min(8, machine_cpu_share()[0]))
 
 
 def _loaders(
@@ -286,6 +285,7 @@ def build(cfg: DictConfig, world: World, *, resuming: bool = False, loss_fn: Los
     the configured cross-entropy (tests use it to inject faults without patching torch)."""
     t = cfg.trainer
     check_batch_split(t.batch_size, t.grad_accum_steps, world.size)
+    set_threads(t.num_threads)
     # The seed decides the initial weights: seeded before the model draws them.
     seed_everything(int(cfg.seed))
     device = distributed.device_for(world, str(pick_device(str(t.device), "trainer.device")))
