@@ -315,11 +315,11 @@ def begin(
     """Check the settings and type the trainer's once; join the process group (data-parallel
     when launched as a group: torchrun, or a SLURM job of several tasks); agree on rank 0's run
     directory. A call from Python with no logging set up logs to the console."""
+    if not logging.getLogger().handlers:
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     for warning in validate(cfg):
         log.warning("%s", warning)
     settings = trainer_settings(cfg)
-    if not logging.getLogger().handlers:
-        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if ctx is not None and run_dir is not None:
         raise TypeError("train(): give a RunContext or run_dir=, not both")
     ctx = ctx or RunContext(run_dir=_run_dir_of(cfg, run_dir), world=distributed.launch_world())
