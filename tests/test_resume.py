@@ -5,6 +5,8 @@ re-run, and `train` works from Python with a run directory alone."""
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import logging
 import shutil
 import struct
@@ -19,8 +21,11 @@ from vitexp.errors import ConfigError, DataError
 from vitexp.evaluate import evaluate_checkpoint
 from vitexp.predict import predict_images
 from vitexp.training import train
-from vitexp.training.checkpoint import load_checkpoint
+from vitexp.training.checkpoint import load_checkpoint, read_training_checkpoint
+from vitexp.training.distributed import SINGLE_PROCESS
 from vitexp.training.optim import warmup_cosine
+from vitexp.training.setup import build
+from vitexp.training.state import TrainState
 
 # 1024 fake images in batches of 64: 16 optimizer steps per epoch; AdamW (weight decay 0.05),
 # warmup-cosine with one epoch of warmup, lr 1e-3.
@@ -160,7 +165,8 @@ def test_records_without_progress_do_not_block_a_fresh_rerun(tmp_path, caplog):
     cfg = compose_cfg([*FAST, "trainer.max_steps=2"])
     with caplog.at_level(logging.INFO, logger="vitexp.training"):
         train(cfg, run_dir=run_dir)
-    assert "removed metrics.jsonl, error.txt" in caplog.text and "ended before it made progress" in caplog.text
+    assert "removed metrics.jsonl, error.txt in" in caplog.text
+    assert "ended before it made progress" in caplog.text
     assert not (run_dir / "error.txt").exists() and [r["step"] for r in rows(run_dir)][:2] == [1, 2]
     other = tmp_path / "other"
     other.mkdir()
@@ -185,3 +191,18 @@ def test_train_from_python_with_a_run_dir_logs_to_the_console(tmp_path, monkeypa
     assert (tmp_path / "py" / "summary.json").is_file() and (tmp_path / "py" / "last.pt").is_file()
     console = capsys.readouterr().err
     assert "epoch 1/1" in console and f"done: best val/acc1 {best:.4f}" in console
+
+
+def test_a_checkpoint_without_loss_scaling_resumes_into_fp16(finished):
+    """An fp32 or bf16 checkpoint holds an empty grad-scaler state, which an enabled scaler
+    (fp16, a GPU run) refuses with a RuntimeError: the scaler starts at its first scale
+    instead. A CPU GradScaler stands in for the GPU's here."""
+    run = build(compose_cfg([*FAST, "trainer.max_epochs=2"]), SINGLE_PROCESS)
+    scaler = torch.amp.GradScaler("cpu", enabled=True, init_scale=1024.0)
+    run = dataclasses.replace(run, step=dataclasses.replace(run.step, scaler=scaler))
+    ckpt = read_training_checkpoint(finished / "last.pt")
+    assert ckpt["scaler"] == {}
+    state = TrainState(run)
+    with contextlib.closing(run):
+        state.load_state_dict(ckpt, finished / "last.pt")
+    assert scaler.get_scale() == 1024.0 and state.progress.global_step == 32

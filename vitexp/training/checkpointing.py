@@ -92,7 +92,8 @@ def holds_progress(path: Path) -> bool:
     with at least one row. An empty metrics.jsonl or an error.txt (a run that died at
     start-up) holds nothing a re-run could lose."""
     if path.name == "metrics.jsonl":
-        return bool(path.read_text(encoding="utf-8", errors="replace").strip())
+        with path.open(encoding="utf-8", errors="replace") as rows:
+            return any(row.strip() for row in rows)
     return path.name.endswith(".pt") or path.name == "summary.json"
 
 
