@@ -350,7 +350,10 @@ def fit(run: Run, ctx: RunContext, state: TrainState, loggers: Loggers, checkpoi
         )
     log_start(run, ctx, run.total_steps)
     final = Loop(run, ctx, state, loggers, checkpoints, budget).fit()
-    return Fitted(final, "max_time" if budget is not None and budget.spent else "max_epochs/max_steps")
+    # The budget ends the run by fitting its length to the time left: it ends on time, before
+    # the steps max_epochs/max_steps would give.
+    on_time = budget is not None and (budget.spent or state.progress.global_step < run.total_steps)
+    return Fitted(final, "max_time" if on_time else "max_epochs/max_steps")
 
 
 def train(
