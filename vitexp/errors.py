@@ -15,6 +15,8 @@ traceback.
 
 from __future__ import annotations
 
+import re
+
 
 class VitexpError(Exception):
     """Bad input of some kind; `exit_code` is the command line's exit status for it."""
@@ -58,10 +60,16 @@ def with_context(error: VitexpError, context: str) -> VitexpError:
     return wrapped
 
 
+# An object's repr in a library's message (`<_io.BytesIO object at 0x7f...>`) says nothing to a
+# user: the message around it names the file or setting already.
+_OBJECT_REPR = re.compile(r"\s*<[^<>]* at 0x[0-9a-fA-F]+>")
+
+
 def first_line(error: BaseException | str, limit: int = 160) -> str:
-    """The first line of an exception's message (at most `limit` characters), or its type when
-    the message is empty: a third-party error quoted inside one of vitexp's one-line messages."""
-    text = str(error).strip()
+    """The first line of an exception's message (at most `limit` characters, object reprs left
+    out), or its type when the message is empty: a third-party error quoted inside one of
+    vitexp's one-line messages."""
+    text = _OBJECT_REPR.sub("", str(error)).strip()
     if not text:
         return type(error).__name__
     return text.splitlines()[0][:limit]

@@ -32,7 +32,6 @@ import contextlib
 import io
 import logging
 import os
-import re
 import sys
 import tempfile
 import warnings
@@ -46,7 +45,7 @@ import torch.nn.functional as F
 from PIL import Image, ImageOps, UnidentifiedImageError
 from torch import Tensor
 
-from vitexp.errors import ConfigError, DataError
+from vitexp.errors import ConfigError, DataError, first_line
 
 log = logging.getLogger(__name__)
 
@@ -69,11 +68,10 @@ class UnreadableImage(DataError):
 
 
 def _reason(error: BaseException) -> str:
-    lines = str(error).splitlines()
     # Pillow names bytes it cannot identify by their object's repr (<_io.BytesIO object at 0x...>),
-    # which says nothing: the message names the image already.
-    text = re.sub(r"\s*<[^<>]* at 0x[0-9a-fA-F]+>", "", lines[0][:160] if lines else "")
-    return f"{type(error).__name__}: {text}".rstrip(": ")
+    # which first_line leaves out: the message names the image already.
+    text = first_line(error)
+    return type(error).__name__ if text == type(error).__name__ else f"{type(error).__name__}: {text}"
 
 
 def _check_pixels(width: int, height: int, name: str | Path) -> None:

@@ -11,7 +11,6 @@ import json
 import logging
 import netrc
 import os
-import re
 import subprocess
 import urllib.parse
 from collections.abc import Mapping
@@ -20,7 +19,7 @@ from typing import IO, Any, Literal, cast
 
 import torch
 
-from vitexp.errors import ConfigError
+from vitexp.errors import ConfigError, first_line
 
 log = logging.getLogger(__name__)
 
@@ -62,13 +61,6 @@ class JsonlLogger:
 WANDB_MODES = ("auto", "online", "offline", "disabled")
 # What WANDB_MODE may also say (wandb's older names).
 _MODE_ALIASES = {"dryrun": "offline", "run": "online"}
-# An object's address in a third-party message (`<... object at 0x7f...>`) says nothing to a user.
-_ADDRESS = re.compile(r" at 0x[0-9a-fA-F]+")
-
-
-def _first_line(error: BaseException) -> str:
-    text = _ADDRESS.sub("", str(error)).strip()
-    return text.splitlines()[0][:200] if text else type(error).__name__
 
 
 def _wandb_credentials() -> bool:
@@ -178,18 +170,18 @@ class WandbLogger:
         log.warning(
             "W&B: the online run could not start (%s); logging offline instead: upload it later with "
             "`wandb sync %s`",
-            _first_line(error),
+            first_line(error),
             self._sync_dir(),
         )
         self._define_metrics()
 
     def _give_up(self, error: Exception, first: Exception | None = None) -> None:
         self._failed, self.run = True, None
-        online = f"online: {_first_line(first)}; offline: " if first is not None else ""
+        online = f"online: {first_line(first)}; offline: " if first is not None else ""
         log.warning(
             "W&B could not start (%s%s); training goes on without W&B (metrics.jsonl has every metric)",
             online,
-            _first_line(error),
+            first_line(error),
         )
 
     def _sync_dir(self) -> Path:
@@ -216,7 +208,7 @@ class WandbLogger:
         except Exception as e:  # a logging backend must never stop training
             self._failed = True
             log.warning(
-                "W&B %s failed (%s); W&B logging is off for the rest of this run", action, _first_line(e)
+                "W&B %s failed (%s); W&B logging is off for the rest of this run", action, first_line(e)
             )
 
     def log(self, metrics: Mapping[str, float], step: int) -> None:

@@ -42,7 +42,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
-from vitexp.errors import ConfigError, DataError
+from vitexp.errors import ConfigError, DataError, first_line
 from vitexp.models.weights.io import HEAD_BYTES, HF_WEIGHT_FILES, format_problem
 
 __all__ = [
@@ -359,13 +359,9 @@ def _url_cache_path(url: str) -> Path:
     return cache_dir() / "urls" / hashlib.sha256(url.encode()).hexdigest()[:16] / name
 
 
-# An object's address in a library's message (`<... object at 0x7f...>`) says nothing to a user.
-_ADDRESS = re.compile(r" at 0x[0-9a-fA-F]+")
-
-
 def _first_line(error: BaseException | str) -> str:
-    text = _ADDRESS.sub("", str(getattr(error, "reason", None) or error)).strip()
-    return (text.splitlines()[0] if text else type(error).__name__)[:160]
+    # A URLError's message is its reason's.
+    return first_line(getattr(error, "reason", None) or error)
 
 
 def _sha256(path: Path) -> str:
