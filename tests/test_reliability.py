@@ -4,11 +4,9 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -40,24 +38,14 @@ def curve(run_dir: Path) -> tuple[list, list]:
     return losses, evals
 
 
-def start(run_dir: Path, *extra: str) -> subprocess.Popen:
-    env = {**os.environ, "WANDB_MODE": "offline", "PYTHONUNBUFFERED": "1"}
-    return subprocess.Popen(
-        [sys.executable, "-m", "vitexp", *RESUMABLE, *extra, f"hydra.run.dir={run_dir}"],
-        cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-    )  # fmt: skip
-
-
-def wait_for_step(proc: subprocess.Popen, run_dir: Path, step: int, timeout: float = 120) -> None:
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if proc.poll() is not None:
-            pytest.fail(f"the run ended before step {step}:\n{proc.stdout.read()[-3000:]}")
-        metrics = run_dir / "metrics.jsonl"
-        if metrics.is_file() and any(f'"step": {step},' in line for line in metrics.read_text().splitlines()):
-            return
-        time.sleep(0.002)
-    pytest.fail(f"no step {step} within {timeout} s")
+def run_signalled(
+    run_dir: Path, step: int, name: str, *extra: str, env: dict | None = None
+) -> subprocess.CompletedProcess:
+    """The command `python -m vitexp RESUMABLE... EXTRA`, whose process sends itself SIG<name>
+    while it computes training step `step`'s loss (tests/signal_at_step.py): a run interrupted
+    at a known step, not wherever a poll of its metrics.jsonl happened to notice it."""
+    args = (str(step), name, *RESUMABLE, *extra, f"hydra.run.dir={run_dir}")
+    return run_cli(*args, module="tests.signal_at_step", env=env)
 
 
 @pytest.fixture(scope="module")
@@ -80,41 +68,42 @@ def assert_same_run(run_dir: Path, reference: Path) -> None:
     assert summary["final"] == ref_summary["final"] and summary["best"] == ref_summary["best"]
 
 
+@pytest.mark.signals
 def test_sigkill_mid_epoch_then_resume_matches_an_uninterrupted_run(reference, tmp_path):
     run_dir = tmp_path / "run"
-    proc = start(run_dir)
-    wait_for_step(proc, run_dir, 42)  # epoch 2, after the step-40 checkpoint
-    proc.kill()
-    proc.wait()
-    assert not (run_dir / "summary.json").exists(), "the run finished before it was killed"
-    ckpt = load_checkpoint(run_dir / "last.pt")
-    assert (
-        ckpt["progress"]["epoch"] == 2
-        and 0 < ckpt["progress"]["step_in_epoch"] < 32
-        and not ckpt["progress"]["epoch_complete"]
-    )
+    killed = run_signalled(run_dir, 43, "KILL")  # mid-epoch 2, three steps after the step-40 checkpoint
+    assert killed.returncode == -signal.SIGKILL, killed.stdout[-3000:] + killed.stderr[-3000:]
+    assert not (run_dir / "summary.json").exists()
+    assert max(r["step"] for r in rows(run_dir)) == 42  # step 43 never ended
+    progress = load_checkpoint(run_dir / "last.pt")["progress"]
+    assert (progress["global_step"], progress["epoch"], progress["step_in_epoch"]) == (40, 2, 8)
+    assert not progress["epoch_complete"]
     resumed = run_cli(*RESUMABLE, f"hydra.run.dir={run_dir}", "trainer.resume=auto")
     assert resumed.returncode == 0, resumed.stdout[-3000:]
     assert "resuming from" in resumed.stdout
     assert_same_run(run_dir, reference)
 
 
+@pytest.mark.signals
+@pytest.mark.wandb
 def test_sigterm_checkpoints_at_the_step_boundary_and_says_how_to_resume(reference, tmp_path):
     """Also with W&B (offline): the resumed run continues the same W&B run id."""
     run_dir = tmp_path / "run"
-    proc = start(run_dir, "logger=wandb")
-    wait_for_step(proc, run_dir, 10)
-    proc.send_signal(signal.SIGTERM)
-    output = proc.communicate(timeout=60)[0]
-    assert proc.returncode == EXIT_PREEMPTED, output[-3000:]
+    offline = {"WANDB_MODE": "offline"}
+    stopped = run_signalled(run_dir, 10, "TERM", "logger=wandb", env=offline)
+    output = stopped.stdout + stopped.stderr
+    assert stopped.returncode == EXIT_PREEMPTED, output[-3000:]
     assert "SIGTERM received" in output and "Resume with: python -m vitexp" in output
     ckpt = load_checkpoint(run_dir / "last.pt")
-    assert ckpt["progress"]["global_step"] >= 10 and not ckpt["progress"]["epoch_complete"]
+    # The step the signal arrived in ends, is checkpointed, and is the last.
+    assert ckpt["progress"]["global_step"] == 10 and not ckpt["progress"]["epoch_complete"]
+    assert max(r["step"] for r in rows(run_dir)) == 10
     command = output.split("Resume with: ")[1].splitlines()[0]
     assert f"hydra.run.dir={run_dir}" in command and command.endswith("trainer.resume=auto")
     wandb_id = ckpt["logger_ids"]["wandb"]
-    resumed = run_cli(*RESUMABLE, "logger=wandb", f"hydra.run.dir={run_dir}", "trainer.resume=auto",
-                      env={"WANDB_MODE": "offline"})  # fmt: skip
+    resumed = run_cli(
+        *RESUMABLE, "logger=wandb", f"hydra.run.dir={run_dir}", "trainer.resume=auto", env=offline
+    )
     assert resumed.returncode == 0, resumed.stdout[-3000:]
     assert_same_run(run_dir, reference)
     runs = sorted((run_dir / "wandb").glob("offline-run-*"))
