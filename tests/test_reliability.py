@@ -110,6 +110,7 @@ def test_sigterm_checkpoints_at_the_step_boundary_and_says_how_to_resume(referen
     assert len(runs) == 2 and all(r.name.endswith(f"-{wandb_id}") for r in runs)
 
 
+@pytest.mark.slow
 def test_resume_from_a_checkpoint_path_into_a_new_run_dir(reference, tmp_path):
     """trainer.resume=PATH continues from any checkpoint (the reference's epoch-1 file here)
     in a new run dir, which then logs only what it trained."""
@@ -122,6 +123,7 @@ def test_resume_from_a_checkpoint_path_into_a_new_run_dir(reference, tmp_path):
     assert min(r["step"] for r in rows(run_dir)) == 33
 
 
+@pytest.mark.slow
 def test_resume_auto_of_a_finished_run_trains_nothing(reference, tmp_path):
     import shutil
 
@@ -219,6 +221,7 @@ def test_resume_from_another_architecture_names_the_key_and_shapes(cfg_factory, 
     assert "\n" not in str(e.value)
 
 
+@pytest.mark.slow
 def test_resume_a_run_cut_short_by_max_steps_to_a_longer_one(cfg_factory):
     """The first run ends after 4 of the epoch's 16 steps; continued to 7 steps (a change it
     must be allowed), it trains 3 more in a new epoch and ends, instead of looping over
@@ -267,6 +270,7 @@ def test_nonfinite_loss_stops_naming_the_step_and_the_last_good_checkpoint(cfg_f
     assert all(torch.isfinite(v).all() for v in ckpt["model"].values())
 
 
+@pytest.mark.slow
 def test_nonfinite_loss_can_skip_the_step(cfg_factory, caplog):
     cfg = cfg_factory(*FAST, "trainer.max_steps=8", "trainer.on_nonfinite=skip", "trainer.log_every_steps=1")
     with caplog.at_level(logging.WARNING, logger="vitexp.training"):
@@ -312,6 +316,7 @@ def _image_folder(root: Path, broken: bool = False) -> Path:
     return root
 
 
+@pytest.mark.slow
 def test_imagefolder_trains_through_workers(cfg_factory, tmp_path):
     root = _image_folder(tmp_path / "images")
     cfg = cfg_factory(
@@ -343,6 +348,7 @@ def test_unreadable_image_fails_naming_the_file(cfg_factory, tmp_path):
     assert "\n" not in str(e.value)
 
 
+@pytest.mark.slow
 def test_unreadable_image_can_be_skipped_with_a_warning(cfg_factory, tmp_path, caplog):
     root = _image_folder(tmp_path / "images", broken=True)
     cfg = cfg_factory("dataset=imagefolder", f"dataset.root={root}", "dataset.num_classes=2", *TINY_RUN,
