@@ -9,10 +9,12 @@ validation    `validate(cfg)`: every setting against its declaration, before any
 command_line  `check_command_line`: composition, did-you-mean, Hydra's messages in one line
 nodes         the one walk over nested keys (`walk`, `leaves`), `plain`
 build         `instantiate_group`: Hydra's instantiate with one-line errors
+compose       `compose(overrides)`: the checked config of a command line, from Python
 """
 
 from vitexp.config.build import check_target_arguments, instantiate_group
 from vitexp.config.command_line import check_command_line, closest, suggest_key
+from vitexp.config.compose import compose
 from vitexp.config.files import (
     conf_dir,
     experiments_dir,
@@ -57,6 +59,7 @@ __all__ = [
     "check_target_arguments",
     "check_value",
     "closest",
+    "compose",
     "conf_dir",
     "declared",
     "describe_type",
