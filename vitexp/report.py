@@ -85,8 +85,8 @@ def _job_dirs(path: Path) -> list[Path]:
     if any((path / name).exists() for name in RUN_FILES):
         return [path]
     raise ConfigError(
-        f"{path} holds no job folders (subfolders with .hydra/) and is no run folder (no "
-        f"{', '.join(RUN_FILES)}); give a run folder or a multirun folder"
+        f"{path} is neither a run folder (it has no {', '.join(RUN_FILES)}) nor a sweep folder (no "
+        "subfolder has .hydra/); give a run folder or a multirun folder"
     )
 
 
