@@ -10,6 +10,7 @@ from __future__ import annotations
 import csv
 import json
 import logging
+import shlex
 import shutil
 from pathlib import Path
 
@@ -223,3 +224,25 @@ def test_report_errors_are_one_line(tiny_run, tmp_path, capsys):
         main([str(tmp_path / "nowhere")])
     assert stop.value.code == 2
     assert capsys.readouterr().err.startswith(f"error: {tmp_path / 'nowhere'} is not a folder; give a run")
+
+
+# As the README gives it.
+COMPARE_COMMAND = (
+    "python -m vitexp.report outputs/2026-11-27/15-54-21 outputs/2026-11-27/16-10-02 --out outputs/compare"
+)
+
+
+def test_the_documented_comparison_of_two_runs(tiny_run, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    job_copy(tiny_run, tmp_path / "outputs/2026-11-27/15-54-21", ["optimizer.lr=0.001"], best=0.5, final=0.5)
+    job_copy(tiny_run, tmp_path / "outputs/2026-11-27/16-10-02", ["optimizer.lr=0.003"], best=0.7, final=0.6)
+    python, flag, module, *args = shlex.split(COMPARE_COMMAND)
+    assert (python, flag, module) == ("python", "-m", "vitexp.report")
+    assert main(args) == 0
+    with (tmp_path / "outputs" / "compare" / "report.csv").open() as f:
+        table = [(row["job"], row["optimizer.lr"], row["final val/acc1"]) for row in csv.DictReader(f)]
+    assert table == [
+        ("outputs/2026-11-27/16-10-02", "0.003", "0.6000"),
+        ("outputs/2026-11-27/15-54-21", "0.001", "0.5000"),
+    ]
+    assert_drawn(tmp_path / "outputs" / "compare" / "curves.png")
