@@ -12,6 +12,7 @@ import torch
 from omegaconf import OmegaConf
 
 from vitexp.config import instantiate_group
+from vitexp.curves import write_curves
 from vitexp.training.context import RunContext
 from vitexp.training.loggers import JsonlLogger, Loggers, git_state, write_json
 from vitexp.training.setup import Run
@@ -120,6 +121,7 @@ def write_records(
     }
     if run.world.is_main:
         write_json(ctx.run_dir / "summary.json", summary)
+        write_curves(ctx.run_dir)  # curves.png: losses, accuracy and learning rate against steps
     loggers.summary({f"best/{run.monitor}": p.best_value, **{f"final/{k}": v for k, v in final.items()}})
     log.info(
         "done: best %s %.4f (epoch %d), final %.4f | %.1f s training, %.0f images/s | %s",
