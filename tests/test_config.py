@@ -60,7 +60,7 @@ def _converted(option: str, cifar_root, tmp_path) -> list[str]:
     pytest.importorskip("datasets" if option == "hf" else "webdataset")
     cifar = load_cifar10(cifar_root, download=False)
     if option == "wds":
-        from vitexp.shards import write_shards
+        from vitexp.commands.shards import write_shards
 
         write_shards(cifar, tmp_path / "shards", shard_size=2000)
         return [

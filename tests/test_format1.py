@@ -8,7 +8,7 @@ import json
 from pathlib import Path
 
 from tests.helpers import compose_cfg, rows
-from vitexp.evaluate import evaluate_checkpoint
+from vitexp.commands.evaluate import evaluate_checkpoint
 from vitexp.training import train
 
 FIXTURES = Path(__file__).parent / "fixtures"

@@ -229,8 +229,8 @@ def _checkpoint_with_model_config(ckpt: dict[str, Any], model_cfg: dict[str, Any
 def test_commands_refuse_checkpoints_with_payloads(
     payload: str, fixture_checkpoint: dict[str, Any], tmp_path: Path
 ) -> None:
-    from vitexp.attention import attention_figure
-    from vitexp.evaluate import evaluate_checkpoint
+    from vitexp.commands.attention import attention_figure
+    from vitexp.commands.evaluate import evaluate_checkpoint
 
     victim = _victim(tmp_path)
     cfg, expected = _payloads(tmp_path)[payload]

@@ -15,9 +15,9 @@ from omegaconf import OmegaConf
 from PIL import Image
 
 from tests.helpers import REPO, TINY_MODEL, compose_cfg
+from vitexp.commands.predict import image_files, predict_images
 from vitexp.errors import ConfigError
 from vitexp.models import build_model
-from vitexp.predict import image_files, predict_images
 from vitexp.training.checkpoint import save_checkpoint
 
 # The commands as the README and conf/predict.yaml give them, run as written (from a folder

@@ -26,8 +26,8 @@ from hydra_plugins.vitexp_sweeps.local_gpus import (
 )
 from tests.helpers import run_cli
 from tests.test_sweeps import RAY_ENV, needs_optuna, needs_ray, with_repo
+from vitexp.commands.report import read_sweep
 from vitexp.errors import ConfigError
-from vitexp.report import read_sweep
 
 # --------------------------------------------------------------------------- local_gpus settings
 

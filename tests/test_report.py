@@ -20,9 +20,9 @@ import yaml
 from PIL import Image
 
 from tests.helpers import TINY_MODEL, compose_cfg, rows
+from vitexp.commands.report import main, read_runs, read_sweep
 from vitexp.curves import read_metrics, save_curves, write_curves
 from vitexp.errors import DataError
-from vitexp.report import main, read_runs, read_sweep
 from vitexp.training import train
 
 SMALL = ["dataset=fake", *TINY_MODEL, "model.img_size=16", "trainer.batch_size=64", "trainer.progress=false"]

@@ -16,7 +16,7 @@ import pytest
 import yaml
 
 from tests.helpers import REPO, TINY_MODEL, run_cli
-from vitexp.report import read_sweep
+from vitexp.commands.report import read_sweep
 
 needs_ray = pytest.mark.skipif(
     importlib.util.find_spec("ray") is None, reason="Ray is not installed (pip install -e '.[ray]')"

@@ -13,9 +13,9 @@ import torch
 from omegaconf import OmegaConf
 
 from tests.helpers import REPO, TINY_MODEL, compose_cfg, rows, run_cli
+from vitexp.commands.report import read_sweep
 from vitexp.config import experiments_dir
 from vitexp.models import VisionTransformer
-from vitexp.report import read_sweep
 from vitexp.training import train
 from vitexp.training.loggers import WandbLogger
 

@@ -32,7 +32,7 @@ from vitexp.training.checkpoint import save_checkpoint
 from vitexp.training.checkpointing import Checkpoints, CheckpointWriter
 from vitexp.training.context import RunContext
 from vitexp.training.loggers import Loggers
-from vitexp.training.metrics import LossWindow, evaluate
+from vitexp.training.metrics import LossWindow, score
 from vitexp.training.optim import set_lr
 from vitexp.training.preemption import Preempted, PreemptionGuard
 from vitexp.training.records import Fitted, open_records, write_records
@@ -153,7 +153,7 @@ class Loop:
                     p.order = self.run.train_loader.new_order()
                 self.run_epoch()
                 final = self.end_epoch()
-        return final or self.evaluate()  # a resumed finished run is only evaluated again
+        return final or self.val_metrics()  # a resumed finished run is only evaluated again
 
     def run_epoch(self) -> None:
         run, p, t = self.run, self.state.progress, self.run.trainer
@@ -203,10 +203,10 @@ class Loop:
     def end_epoch(self) -> dict[str, float]:
         """Evaluate, keep the best, write last.pt (and best.pt, epoch<N>.pt)."""
         run, p = self.run, self.state.progress
-        metrics = self.evaluate()
+        metrics = self.val_metrics()
         raw = {}
         if run.step.ema is not None:  # the raw weights too, to see what the averaging gives
-            scores = evaluate(run.model, run.eval_loader, run.step.autocast, run.world)
+            scores = score(run.model, run.eval_loader, run.step.autocast, run.world)
             raw = {f"val_raw/{k}": v for k, v in scores.items()}
         self.loggers.log({**metrics, **raw, "epoch": p.epoch}, step=p.global_step)
         current = metrics[run.monitor]
@@ -223,12 +223,12 @@ class Loop:
         self.checkpoints.save(self.state, epoch_end=True, best=improved)  # collective
         return metrics
 
-    def evaluate(self) -> dict[str, float]:
+    def val_metrics(self) -> dict[str, float]:
         run = self.run
-        scores = evaluate(run.eval_model, run.eval_loader, run.step.autocast, run.world)
+        scores = score(run.eval_model, run.eval_loader, run.step.autocast, run.world)
         metrics = {f"val/{k}": v for k, v in scores.items()}
         if run.trainer.eval_hflip:  # reported beside the plain figures, which still pick best.pt
-            flipped = evaluate(run.eval_model, run.eval_loader, run.step.autocast, run.world, hflip=True)
+            flipped = score(run.eval_model, run.eval_loader, run.step.autocast, run.world, hflip=True)
             metrics.update({f"val_hflip/{k}": v for k, v in flipped.items()})
         return metrics
 
