@@ -3,7 +3,9 @@ handler for every command (exit codes, one line, tracebacks only for bugs)."""
 
 from __future__ import annotations
 
+import dataclasses
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -14,7 +16,7 @@ from hydra.core.config_store import ConfigStore
 
 from tests.helpers import REPO, TINY_MODEL, run_cli
 from vitexp.cli import check_command_line
-from vitexp.config import validate
+from vitexp.config import TrainerConfig, validate
 from vitexp.errors import ConfigError, DataError, TrainingDiverged
 
 RUN = ["dataset=fake", "model.img_size=16", *TINY_MODEL, "trainer.batch_size=32", "trainer.max_steps=1",
@@ -231,14 +233,22 @@ def test_inspection_multirun_reports_each_failed_job_and_exits_1(tmp_path):
     assert "Traceback" not in result.stderr and not (tmp_path / "error.txt").exists()
 
 
-def test_help_lists_no_base_and_no_schema():
+def test_help_lists_no_base_and_every_trainer_setting_from_its_declaration():
     result = run_cli("--help")
     assert result.returncode == 0
-    groups = result.stdout.split("== Config ==")[0]
+    groups, rest = result.stdout.split("== Trainer settings ==")
     model_line = next(line for line in groups.splitlines() if line.startswith("model: "))
     assert "vit_b16" in model_line and "cct_7_3x1" in model_line and "cvt_13" in model_line
     assert "model_" not in groups and "schema" not in groups and "base" not in groups
     assert "trainer: default\n" in groups
+    # one line per declared setting: KEY=DEFAULT, its domain, its doc (vitexp.config.settings)
+    settings = rest.split("== Config ==")[0]
+    for field in dataclasses.fields(TrainerConfig):
+        line = next(line for line in settings.splitlines() if line.startswith(f"trainer.{field.name}="))
+        assert field.metadata["doc"] in line, line
+    assert re.search(r"^trainer\.batch_size=128 +integer in \[1, inf\) +global batch", settings, re.M)
+    assert re.search(r"^trainer\.precision=fp32 +auto \| fp32 \| bf16 \| fp16 ", settings, re.M)
+    assert "== Config ==" in rest and "Use --hydra-help" in rest  # Hydra's own help stays
 
 
 MESSAGES = {

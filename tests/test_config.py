@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.util
-import inspect
 import re
 import subprocess
 import sys
@@ -27,12 +26,13 @@ from vitexp.config import (
     missing_keys,
     register_experiments,
 )
+from vitexp.registry import keyword_arguments
 
 GROUPS = ["model", "dataset", "optimizer", "scheduler", "trainer", "logger"]
 
 
 def options(group: str) -> list[str]:
-    return sorted(p.stem for p in (conf_dir() / group).glob("*.yaml"))
+    return group_options(group)  # conf/GROUP/*.yaml, or ConfigStore entries (trainer=default)
 
 
 def test_defaults_compose_and_resolve():
@@ -203,9 +203,8 @@ def test_each_model_option_lists_every_constructor_setting_and_nothing_else(opti
     """The model files share a base (conf/model_vit.yaml, model_cct.yaml, model_cvt.yaml) and
     list only their sizes: composed, each is a complete set of keyword arguments."""
     model = compose_cfg([f"model={option}"]).model
-    signature = inspect.signature(get_class(model._target_).__init__).parameters
-    keyword = (inspect.Parameter.KEYWORD_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
-    arguments = {name for name, p in signature.items() if name != "self" and p.kind in keyword}
+    # The constructor's keyword arguments, shared ones (`**encoder: Unpack[...]`) included.
+    arguments = set(keyword_arguments(get_class(model._target_)) or ())
     keys = set(model) - {"_target_", "pretrained", "pretrained_format"}
     assert keys <= arguments, keys - arguments
     assert arguments - keys <= NOT_SETTINGS, arguments - keys

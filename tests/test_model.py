@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from tests.helpers import compose_cfg, model_config, model_options
 from vitexp.errors import ConfigError
 from vitexp.models import VisionTransformer, build_model
+from vitexp.registry import keyword_arguments
 
 # The plain ViTs; the convolutional families have their own tests (test_conv_models.py).
 MODEL_NAMES = [n for n in model_options() if model_config(n)._target_ == "vitexp.models.VisionTransformer"]
@@ -194,9 +195,7 @@ def test_weight_decay_exclusions_name_real_parameters():
 
 
 def test_model_config_keys_are_constructor_arguments():
-    import inspect
-
-    params = set(inspect.signature(VisionTransformer).parameters)
+    params = set(keyword_arguments(VisionTransformer) or ())
     for name in MODEL_NAMES:
         keys = set(model_config(name)) - {
             "_target_",

@@ -16,7 +16,7 @@ import pytest
 from tests.helpers import REPO, TINY_MODEL, rows, run_cli
 from vitexp.errors import ConfigError
 from vitexp.training import train
-from vitexp.training.rundir import RunDirLock
+from vitexp.training.checkpointing import RunDirLock
 
 FAST = ["dataset=fake", *TINY_MODEL, "model.img_size=16", "trainer.batch_size=64", "trainer.progress=false",
         "trainer.sample_figures=false", "trainer.max_epochs=1"]  # fmt: skip
@@ -96,7 +96,7 @@ def test_the_lock_ends_with_its_process_even_on_sigkill(tmp_path):
     run_dir = tmp_path / "run"
     holder = subprocess.Popen(
         [sys.executable, "-c",
-         "import sys, time; from pathlib import Path; from vitexp.training.rundir import RunDirLock\n"
+         "import sys, time; from pathlib import Path; from vitexp.training.checkpointing import RunDirLock\n"
          "with RunDirLock(Path(sys.argv[1])):\n    print('locked', flush=True); time.sleep(600)",
          str(run_dir)],
         cwd=REPO, stdout=subprocess.PIPE, text=True,

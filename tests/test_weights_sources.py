@@ -64,13 +64,15 @@ RUN_CLI = [
 class Loopback:
     """Serves `files` (URL path -> bytes) on 127.0.0.1 from a thread, and stops by itself after
     `lifetime` seconds so that nothing outlives a test. `requests` lists the paths asked for;
-    a path in `truncate` is cut after half its bytes (its Content-Length promising all);
-    clearing `release` holds every response after its first half until it is set."""
+    a path in `truncate` is cut after half its bytes (its Content-Length promising all); a path
+    in `types` is sent with that Content-Type; clearing `release` holds every response after its
+    first half until it is set."""
 
     def __init__(self, files: dict[str, bytes], lifetime: float = 120.0) -> None:
         self.files = dict(files)
         self.requests: list[str] = []
         self.truncate: set[str] = set()
+        self.types: dict[str, str] = {}
         self.release = threading.Event()
         self.release.set()
         outer = self
@@ -104,6 +106,8 @@ class Loopback:
             return
         handler.send_response(200)
         handler.send_header("Content-Length", str(len(body)))
+        if path in self.types:
+            handler.send_header("Content-Type", self.types[path])
         handler.end_headers()
         sent = body[: len(body) // 2] if path in self.truncate else body
         handler.wfile.write(sent[: len(sent) // 2])

@@ -2,7 +2,9 @@
 
 Thin on purpose: all work happens in the importable `vitexp.training.train(cfg, ctx)`; the
 command builds the run context (run dir, names, world) from Hydra's job, and the command
-line is checked and errors are reported by `vitexp.cli`, as for every command.
+line is checked and errors are reported by `vitexp.cli`, as for every command. Torch and the
+training code are imported only once the command line has passed that check: a typo costs
+no more than composing the config.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import os
 import shlex
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
@@ -20,16 +23,20 @@ from omegaconf import DictConfig
 
 from vitexp.cli import check_command_line_or_exit, run_job
 from vitexp.config import conf_dir, register_experiments, register_resolvers, set_launch_time, validate
-from vitexp.training import distributed
-from vitexp.training.context import RunContext
+
+if TYPE_CHECKING:
+    from vitexp.training.context import RunContext
+    from vitexp.training.distributed import World
 
 register_experiments()
 register_resolvers()
 
 
-def run_context(world: distributed.World) -> RunContext:
+def run_context(world: World) -> RunContext:
     """What Hydra decided about this job: its run dir, a readable name (the job's overrides),
     the sweep as group in a multirun, and the command that continues the run."""
+    from vitexp.training.context import RunContext
+
     hc = HydraConfig.get()
     run_dir = Path(hc.runtime.output_dir)
     name = hc.job.override_dirname or f"{hc.runtime.choices.get('model')}-{hc.runtime.choices.get('dataset')}"
@@ -51,7 +58,7 @@ def run_context(world: distributed.World) -> RunContext:
 
 @hydra.main(version_base="1.3", config_path=str(conf_dir()), config_name="config")
 def _hydra_main(cfg: DictConfig) -> float:
-    from vitexp.training import train
+    from vitexp.training import distributed, train
 
     return run_job(train, cfg, run_context(distributed.launch_world()))
 
@@ -59,6 +66,8 @@ def _hydra_main(cfg: DictConfig) -> float:
 def main() -> float | None:
     """Train one job (or a sweep with -m); returns the monitored metric for sweepers."""
     check_command_line_or_exit("config", validate)
+    from vitexp.training import distributed
+
     world = distributed.launch_world()
     if world.distributed:
         # Under torchrun every process runs Hydra: they must name the same run dir (rank 0's

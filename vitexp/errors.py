@@ -15,6 +15,8 @@ traceback.
 
 from __future__ import annotations
 
+import re
+
 
 class VitexpError(Exception):
     """Bad input of some kind; `exit_code` is the command line's exit status for it."""
@@ -43,3 +45,32 @@ class TrainingDiverged(VitexpError):
     def __init__(self, message: str, step: int) -> None:
         super().__init__(message)
         self.step = step
+
+
+def with_context(error: VitexpError, context: str) -> VitexpError:
+    """A new error of `error`'s kind whose message is `context: message`, to be raised `from
+    error`. The kind (ConfigError, DataError, ...) keeps the exit status; the class itself is
+    never called (`type(error)(...)`), since a subclass may take other arguments."""
+    message = f"{context}: {error}"
+    for kind in (ConfigError, DataError):
+        if isinstance(error, kind):
+            return kind(message)
+    wrapped = VitexpError(message)
+    wrapped.exit_code = error.exit_code
+    return wrapped
+
+
+# An object's repr in a library's message (`<_io.BytesIO object at 0x7f...>`) says nothing to a
+# user: the message around it names the file or setting already.
+# A repr with `<...>` inside (`<locals>`) keeps its name, without the address.
+_OBJECT_REPR = re.compile(r"\s*<[^<>]* at 0x[0-9a-fA-F]+>| at 0x[0-9a-fA-F]+")
+
+
+def first_line(error: BaseException | str, limit: int = 160) -> str:
+    """The first line of an exception's message (at most `limit` characters, object reprs left
+    out), or its type when the message is empty: a third-party error quoted inside one of
+    vitexp's one-line messages."""
+    text = _OBJECT_REPR.sub("", str(error)).strip()
+    if not text:
+        return type(error).__name__
+    return text.splitlines()[0][:limit]

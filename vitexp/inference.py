@@ -21,6 +21,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 from torch import Tensor
 
+from vitexp.config import instantiate_group, leaves
 from vitexp.data import BatchTransform, FileSplit, ImageData, Split, build_stored_dataset
 from vitexp.data.transforms import eval_batches
 from vitexp.errors import ConfigError
@@ -75,8 +76,6 @@ def load_dataset(load_cfg: Mapping[str, Any], what: str, *, stored: bool = True)
     `_target_` the file names, and never a download. A config the user composed on the command
     line (`dataset=NAME`, `stored=False`) is theirs and is instantiated; a vitexp error raised
     while building it is reported in one line."""
-    from vitexp.training.setup import instantiate_group
-
     if stored:
         return build_stored_dataset(load_cfg, source=what)
     data = instantiate_group("dataset.load", dict(load_cfg), label="dataset", _convert_="all")
@@ -94,7 +93,7 @@ def dataset_from_cfg(cfg: DictConfig, trained: TrainedModel) -> ImageData | None
     if cfg.get("dataset") is None:
         return None
     root = OmegaConf.create({"model": trained.config["model"], "dataset": cfg.dataset})
-    missing = _missing_keys(OmegaConf.to_container(root.dataset, resolve=False), "dataset")
+    missing = [key for key, value in leaves(root.dataset, "dataset").items() if value == "???"]
     if missing:
         raise ConfigError(f"{missing[0]} is required here (marked ???): add {missing[0]}=...")
     try:
@@ -109,18 +108,6 @@ def dataset_from_cfg(cfg: DictConfig, trained: TrainedModel) -> ImageData | None
             f"dataset.load a _target_ (e.g. vitexp.data.load_digits) and its arguments"
         )
     return load_dataset({str(key): value for key, value in load_cfg.items()}, "dataset", stored=False)
-
-
-def _missing_keys(node: Any, prefix: str = "") -> list[str]:
-    """Dotted keys whose value is `???`, in an unresolved container (OmegaConf.missing_keys
-    raises on an interpolation that points at a missing value instead of listing it)."""
-    if isinstance(node, dict):
-        return [
-            k
-            for key, value in node.items()
-            for k in _missing_keys(value, f"{prefix}.{key}" if prefix else key)
-        ]
-    return [prefix] if node == "???" else []
 
 
 def split_channels(split: Split | FileSplit) -> int:

@@ -1,30 +1,36 @@
-"""What training and the commands both need from the machine: the device, the autocast
-context, seeding, and the plain module under `torch.compile`/DDP wrappers."""
+"""What training and the commands both need from the machine: the device, the precision and
+its autocast context, the CPU threads, seeding, and the plain module under `torch.compile`/DDP
+wrappers."""
 
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import random
+from collections.abc import Collection, Iterable, Mapping
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
 
+from vitexp.config import DEVICES, PRECISIONS, Choices, check_value
 from vitexp.errors import ConfigError
 
-PRECISIONS = ("fp32", "bf16", "fp16")
+log = logging.getLogger(__name__)
 
 
 def pick_device(name: str, setting: str = "device") -> torch.device:
     """`auto` (CUDA when present, else CPU), or a device name that must exist; `setting` is
-    the config key that named it, for the error message."""
+    the config key that named it, for the error message. The name is checked against the
+    declared domain of device names (`vitexp.config.DEVICES`), as `validate` checks
+    `trainer.device`; here, whether that device exists."""
+    check_value(setting, name, DEVICES)
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError as e:
-        raise ConfigError(f"{setting}={name!r} is not a device name; use auto, cpu, cuda or cuda:N") from e
+    device = torch.device(name)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError(f"{setting}={name} but no CUDA GPU is visible; use {setting}=auto or cpu")
     if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
@@ -32,16 +38,14 @@ def pick_device(name: str, setting: str = "device") -> torch.device:
             f"{setting}={name} but only {torch.cuda.device_count()} GPU(s) are visible (cuda:0 to "
             f"cuda:{torch.cuda.device_count() - 1})"
         )
-    if device.type not in ("cpu", "cuda"):
-        raise ConfigError(f"{setting}={name}: vitexp runs on cpu or cuda")
     return device
 
 
 def autocast_context(
     device: torch.device, precision: str, setting: str = "precision"
 ) -> contextlib.AbstractContextManager:
-    """Decided once per run: bf16/fp16 autocast, or nothing for fp32."""
-    check_precision(device, precision, setting)
+    """Decided once per run (`resolve_precision`): bf16/fp16 autocast, or nothing for fp32."""
+    precision = resolve_precision(device, precision, setting)
     if precision == "fp32":
         return contextlib.nullcontext()
     if precision == "bf16":
@@ -50,7 +54,7 @@ def autocast_context(
         if device.type != "cuda":
             raise ConfigError(f"{setting}=fp16 needs a CUDA GPU; use {setting}=bf16 on the CPU")
         return torch.autocast("cuda", dtype=torch.float16)
-    raise ConfigError(f"{setting}={precision!r} is not one of {', '.join(PRECISIONS)}")
+    return contextlib.nullcontext()
 
 
 def configure_backends(device: torch.device, *, deterministic: bool = False) -> None:
@@ -73,16 +77,138 @@ def configure_backends(device: torch.device, *, deterministic: bool = False) -> 
         torch.cuda.set_device(device)
 
 
-def check_precision(device: torch.device, precision: str, setting: str = "precision") -> None:
-    """bf16 on a GPU without bf16 tensor cores (T4, V100) runs emulated, several times slower
-    than fp16: `torch.cuda.is_bf16_supported()` counts emulation as support by default."""
-    emulated = device.type == "cuda" and not torch.cuda.is_bf16_supported(including_emulation=False)
-    if precision == "bf16" and emulated:
+def cpu_bf16(capabilities: Mapping[str, Any]) -> str | None:
+    """The CPU feature that computes bf16 natively (AMX or AVX-512-BF16), from
+    `torch.cpu.get_capabilities()`; None where oneDNN would emulate it (each op converting to
+    fp32 and back: ViT-Ti/4 trained 26x slower than in fp32 on an AVX2 CPU)."""
+    if capabilities.get("amx_bf16"):
+        return "AMX-BF16"
+    if capabilities.get("avx512_bf16"):
+        return "AVX-512-BF16"
+    return None
+
+
+def resolve_precision(device: torch.device, precision: str, setting: str = "precision") -> str:
+    """The precision a run computes in, decided once per run. `auto`: bf16 where the device
+    computes it natively (a GPU of compute capability 8.0 or newer; a CPU with AMX or
+    AVX-512-BF16), else fp32; the choice is logged. An explicit bf16 the device would emulate is
+    refused on a GPU (T4, V100: several times slower than fp16, which they have) and warned
+    about on a CPU (it runs, many times slower than fp32)."""
+    check_value(setting, precision, Choices(PRECISIONS))
+    if precision not in ("auto", "bf16"):
+        return precision
+    if device.type == "cuda":
+        # `is_bf16_supported()` counts emulation as support by default.
+        native = torch.cuda.is_bf16_supported(including_emulation=False)
         name = torch.cuda.get_device_name(device)
-        raise ConfigError(
-            f"{setting}=bf16 but {name} has no bf16 tensor cores (it would run emulated, several times "
-            f"slower); use {setting}=fp16 (with its GradScaler) or fp32"
+        because = f"{name} {'has' if native else 'has no'} bf16 tensor cores"
+    else:
+        capabilities = torch.cpu.get_capabilities()
+        feature = cpu_bf16(capabilities)
+        native = feature is not None
+        cpu = (
+            f"this CPU ({capabilities.get('cpu_name', 'unknown')}, {torch.backends.cpu.get_cpu_capability()})"
         )
+        because = f"{cpu} computes bf16 with {feature}" if native else f"{cpu} has no native bf16"
+    if precision == "auto":
+        chosen = "bf16" if native else "fp32"
+        log.info("%s=auto: %s, as %s", setting, chosen, because)
+        return chosen
+    if not native and device.type == "cuda":
+        raise ConfigError(
+            f"{setting}=bf16 but {because} (it would run emulated, several times slower); use "
+            f"{setting}=fp16 (with its GradScaler) or fp32"
+        )
+    if not native:
+        log.warning(
+            "%s=bf16 but %s (neither AMX nor AVX-512-BF16): it runs emulated, many times slower than "
+            "fp32; use %s=auto or fp32",
+            setting, because, setting,
+        )  # fmt: skip
+    return precision
+
+
+# --------------------------------------------------------------------------- CPU threads
+
+
+def cpu_share(
+    *, affinity: Collection[int] | None, cpu_max: Iterable[str], env: Mapping[str, str], cpu_count: int
+) -> tuple[int, str]:
+    """The CPUs one process of this run may use, and the limit that decided it: the fewest of
+    its affinity mask (taskset, a Slurm task's binding), its cgroup's CPU quota (`cpu.max` of
+    each cgroup level, "QUOTA PERIOD" or "max PERIOD": a container's --cpus, Slurm's cgroup,
+    rounded down) and SLURM_CPUS_PER_TASK (else `cpu_count`); shared by the processes of this
+    run on the node (LOCAL_WORLD_SIZE, torchrun's ranks), unless each is a Slurm task of its
+    own (the Slurm launcher's ranks: their affinity and SLURM_CPUS_PER_TASK are their own)."""
+    limits: list[tuple[int, str]] = []
+    if affinity:
+        limits.append((len(affinity), "the affinity mask"))
+    for text in cpu_max:
+        quota, _, period = text.strip().partition(" ")
+        if quota.isdigit() and period.strip().isdigit() and int(period) > 0:
+            limits.append((max(1, int(quota) // int(period)), f"the cgroup CPU quota ({text.strip()})"))
+    slurm = env.get("SLURM_CPUS_PER_TASK", "")
+    if slurm.isdigit() and int(slurm) > 0:
+        limits.append((int(slurm), f"SLURM_CPUS_PER_TASK={slurm}"))
+    cpus, source = min(limits, default=(max(1, cpu_count), "the CPU count"))
+    own_task = env.get("SUBMITIT_EXECUTOR") == "slurm" and int(env.get("SLURM_NTASKS") or 1) > 1
+    ranks = 1 if own_task else max(1, int(env.get("LOCAL_WORLD_SIZE") or 1))
+    if ranks > 1:
+        return max(1, cpus // ranks), f"{cpus} CPUs ({source}) shared by {ranks} processes"
+    return cpus, f"{cpus} CPU(s): {source}"
+
+
+def _cgroup_cpu_max() -> list[str]:
+    """`cpu.max` of this process's cgroup and of each level above it (cgroup v2), or v1's
+    quota and period in the same form."""
+    root = Path("/sys/fs/cgroup")
+    texts = []
+    try:
+        own = next(
+            (line.split(":", 2)[2] for line in Path("/proc/self/cgroup").read_text().splitlines()
+             if line.startswith("0::")), "/",
+        )  # fmt: skip
+        level = root / own.strip().lstrip("/")
+        for folder in [level, *level.parents]:
+            if folder == root.parent:
+                break
+            if (folder / "cpu.max").is_file():
+                texts.append((folder / "cpu.max").read_text())
+        v1 = root / "cpu" / "cpu.cfs_quota_us"
+        if v1.is_file():  # cgroup v1 ("-1": no quota)
+            texts.append(f"{v1.read_text().strip()} {(v1.parent / 'cpu.cfs_period_us').read_text()}")
+    except OSError:  # no cgroup filesystem (macOS, a restricted container): no quota known
+        pass
+    return texts
+
+
+def machine_cpu_share() -> tuple[int, str]:
+    """`cpu_share` of this process, read from the machine."""
+    affinity = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else None
+    return cpu_share(
+        affinity=affinity, cpu_max=_cgroup_cpu_max(), env=os.environ, cpu_count=os.cpu_count() or 1
+    )
+
+
+def pick_threads(setting: Any, share: tuple[int, str], env: Mapping[str, str]) -> tuple[int, str]:
+    """`trainer.num_threads`: a positive integer, or `auto`: OMP_NUM_THREADS where set (by
+    hand, torchrun, or the Ray launcher's share of the machine), else this process's CPUs."""
+    if setting == "auto":
+        omp = env.get("OMP_NUM_THREADS", "")
+        if omp.isdigit() and int(omp) > 0:
+            return int(omp), f"OMP_NUM_THREADS={omp}"
+        return share
+    if isinstance(setting, bool) or not isinstance(setting, int) or setting < 1:
+        raise ConfigError(f"trainer.num_threads={setting!r} must be auto or a positive integer")
+    return setting, "trainer.num_threads"
+
+
+def set_threads(setting: Any) -> int:
+    """Apply `trainer.num_threads` to torch (once per run, before any work) and log it."""
+    threads, why = pick_threads(setting, machine_cpu_share(), os.environ)
+    torch.set_num_threads(threads)
+    log.info("torch threads: %d (%s)", threads, why)
+    return threads
 
 
 def seed_everything(seed: int) -> None:

@@ -9,6 +9,7 @@ process died into a failed job of the sweep (error.txt, NaN) instead of a failed
 
 from __future__ import annotations
 
+import inspect
 import logging
 import math
 import os
@@ -16,6 +17,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 from hydra.core.hydra_config import HydraConfig
@@ -24,12 +26,31 @@ from hydra.core.utils import JobReturn, JobStatus, filter_overrides, run_job, se
 from hydra.types import HydraContext, TaskFunction
 from omegaconf import DictConfig, OmegaConf, open_dict
 
+from hydra_plugins.vitexp_sweeps.local_gpus import cluster_address
+from vitexp.config import closest
 from vitexp.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
 # Ray's default object store takes 30% of memory (/dev/shm); the jobs pass only configs.
 OBJECT_STORE_BYTES = 100 * 2**20
+
+# Ray's environment settings, read once as Ray is imported (ray._private.ray_constants), so set
+# before that; a value the user exported wins. RAY_DEDUP_LOGS: Ray folds lines that look alike
+# from different processes into one ("repeated 2x across cluster"): in a sweep those are
+# different jobs' records.
+RAY_ENVIRONMENT = {"RAY_DEDUP_LOGS": "0"}
+
+
+def import_ray() -> ModuleType:
+    """Ray, imported after its environment settings are made."""
+    for key, value in RAY_ENVIRONMENT.items():
+        os.environ.setdefault(key, value)
+    try:
+        import ray
+    except ImportError as e:
+        raise ConfigError("hydra/launcher=local_gpus needs Ray: pip install -e '.[ray]'") from e
+    return ray
 
 
 @dataclass(frozen=True)
@@ -64,22 +85,49 @@ def plan(jobs: int | None, gpus_per_job: int, resources: dict[str, float]) -> Pl
     return Plan(slots=slots, gpus=gpus, cpus=share, threads=share)
 
 
-def start_ray(init: dict[str, Any], jobs: int | None) -> None:
-    """Join the cluster at `init["address"]`, or start Ray on this machine with enough CPU
-    slots for `jobs` (Ray counts one CPU per job at least)."""
-    import ray
+def check_init_arguments(ray: ModuleType, init: dict[str, Any]) -> None:
+    """Every key of `hydra.launcher.ray.init` is an argument of this Ray's `ray.init` (its
+    underscored ones pass through **kwargs unchecked, as Ray's own)."""
+    named = [p for p in inspect.signature(ray.init).parameters if p not in ("kwargs",)]
+    for key in init:
+        if key not in named and not str(key).startswith("_"):
+            hint = closest(str(key), named)
+            raise ConfigError(
+                f"unknown key hydra.launcher.ray.init.{key}: not an argument of ray.init"
+                + (f"; did you mean {hint}?" if hint else "")
+            )
 
+
+def start_ray(ray: ModuleType, init: dict[str, Any], jobs: int | None) -> None:
+    """Join the cluster at `init["address"]` (or RAY_ADDRESS, as Ray reads it), or start Ray
+    on this machine with enough CPU slots for `jobs` (Ray counts one CPU per job at least)."""
     if ray.is_initialized():
         return
     init = {key: value for key, value in init.items() if value is not None}  # null: Ray's default
-    # Ray folds lines that look alike from different processes into one ("repeated 2x across
-    # cluster"): in a sweep those are different jobs' records.
-    os.environ.setdefault("RAY_DEDUP_LOGS", "0")
-    if not init.get("address"):
-        init.setdefault("num_cpus", max(os.cpu_count() or 1, jobs or 1))
+    check_init_arguments(ray, init)
+    address = cluster_address(init.get("address"), os.environ)
+    if address is None:
+        cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+        init.setdefault("num_cpus", max(cpus, jobs or 1))
         init.setdefault("object_store_memory", OBJECT_STORE_BYTES)
-    log.info("starting Ray: %s", init)
-    ray.init(**init)
+        log.info("starting Ray: %s", init)
+    else:
+        log.info("joining the Ray cluster at %s: %s", address, init)
+    try:
+        ray.init(**init)
+    except ray.exceptions.AuthenticationError as e:
+        raise ConfigError(
+            f"the Ray cluster at {address} refused this machine's token: set RAY_AUTH_TOKEN (or copy "
+            f"~/.ray/auth_token) to the token of the cluster's head (`ray get-auth-token` there)"
+        ) from e
+    except ConnectionError as e:
+        if address is None:
+            raise
+        raise ConfigError(
+            f"cannot connect to the Ray cluster at {address}: is it running there (ray status)? A cluster "
+            f"started with token authentication (its `ray start` says so) also needs RAY_AUTH_MODE=token "
+            f"and its token here (~/.ray/auth_token or RAY_AUTH_TOKEN)"
+        ) from e
 
 
 def _job_dir(sweep_config: DictConfig) -> Path | None:
@@ -175,14 +223,16 @@ def launch(
     initial_job_idx: int,
 ) -> Sequence[JobReturn]:
     """`LocalGPUsLauncher.launch`: its settings (`jobs`, `gpus_per_job`, `ray`) and Hydra's."""
-    try:
-        import ray
-    except ImportError as e:
-        raise ConfigError("hydra/launcher=local_gpus needs Ray: pip install -e '.[ray]'") from e
+    ray = import_ray()
     setup_globals()
     ray_cfg = OmegaConf.to_container(OmegaConf.create(ray_settings), resolve=True)
     assert isinstance(ray_cfg, dict)
-    start_ray(dict(ray_cfg.get("init") or {}), jobs)
+    base: dict[str, Any] = {"max_retries": 0, "max_calls": 1}
+    try:  # the jobs' options, before Ray starts (building a remote function starts nothing)
+        ray.remote(**{**base, **dict(ray_cfg.get("remote") or {})})(run_in_worker)
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"hydra.launcher.ray.remote: {str(e).splitlines()[0]}") from e
+    start_ray(ray, dict(ray_cfg.get("init") or {}), jobs)
     the_plan = plan(jobs, gpus_per_job, ray.cluster_resources())
     sweep_dir = Path(str(config.hydra.sweep.dir)).absolute()
     sweep_dir.mkdir(parents=True, exist_ok=True)
@@ -194,12 +244,7 @@ def launch(
         the_plan.threads,
         sweep_dir,
     )
-    options: dict[str, Any] = {
-        "num_gpus": the_plan.gpus,
-        "num_cpus": the_plan.cpus,
-        "max_retries": 0,
-        "max_calls": 1,
-    }
+    options: dict[str, Any] = {"num_gpus": the_plan.gpus, "num_cpus": the_plan.cpus, **base}
     options.update(dict(ray_cfg.get("remote") or {}))
     remote: Any = ray.remote(**options)(run_in_worker)
 

@@ -7,6 +7,11 @@ same command runs only the trials still missing, numbered after the stored ones;
 interrupted sweep left running is run again in its own job folder with `trainer.resume=auto`
 (continuing from its last checkpoint), and the sampler is reseeded so that it does not draw
 again the parameters it drew for the first trials.
+
+A stored study continues only with the direction(s) and search space it was run with: a
+re-run that differs stops before any trial starts, in one line naming the difference and the
+way out (another `study_name`, or deleting the study). A trial that a run left RUNNING before
+it got all its parameters is marked failed, so that a failed run never blocks the study.
 """
 
 from __future__ import annotations
@@ -30,4 +35,7 @@ class ResumableOptunaSweeper(Sweeper):
         self.sweeper.setup(hydra_context=hydra_context, task_function=task_function, config=config)
 
     def sweep(self, arguments: list[str]) -> None:
-        return self.sweeper.sweep(arguments)
+        from vitexp.cli import exit_on_error
+
+        with exit_on_error():  # one line and exit 2, rather than Hydra's traceback of the sweeper
+            return self.sweeper.sweep(arguments)

@@ -17,12 +17,25 @@ pixels on the CPU (`tests/test_streams.py` compares them bit for bit, baseline a
 device (nvJPEG, whose pixels may differ from libjpeg-turbo's by a few levels). Anything the
 fast path does not take (CMYK JPEGs, other formats, a file it rejects) goes to Pillow, which
 also names a corrupt file.
+
+Every path reads the image's size from its header first and refuses an image of more than
+Pillow's `PIL.Image.MAX_IMAGE_PIXELS` pixels (89.5 Mpixel unless a program lowers or raises it)
+before decoding it: the JPEG fast path from the frame header (`jpeg_size`), Pillow from what
+`Image.open` reads. libjpeg prints the warnings of files it decodes anyway (an unknown JFIF
+revision, extraneous bytes) straight to stderr; the fast path turns them into one warning
+naming the file (`_libjpeg_messages`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import io
-from collections.abc import Iterable, Sequence
+import logging
+import os
+import sys
+import tempfile
+import warnings
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import IO, NamedTuple
 
@@ -32,24 +45,116 @@ import torch.nn.functional as F
 from PIL import Image, ImageOps, UnidentifiedImageError
 from torch import Tensor
 
-from vitexp.errors import ConfigError, DataError
+from vitexp.errors import ConfigError, DataError, first_line
+
+log = logging.getLogger(__name__)
 
 # What PIL raises for a file that is not an image, is truncated or corrupt, or is too large.
 _BROKEN = (UnidentifiedImageError, OSError, ValueError, SyntaxError, Image.DecompressionBombError)
 
+_SHRINK = "downscale it"
+
 
 class UnreadableImage(DataError):
-    """An image file that exists but cannot be decoded; `reason` says why in a few words."""
+    """An image file that exists but cannot be decoded (or is refused before decoding);
+    `reason` says why in a few words, `fix` what to do."""
 
-    def __init__(self, path: str | Path, reason: str) -> None:
-        super().__init__(f"image {path} cannot be read ({reason}); use a PNG, JPEG or other image file")
+    def __init__(
+        self, path: str | Path, reason: str, fix: str = "use a PNG, JPEG or other image file"
+    ) -> None:
+        super().__init__(f"image {path} cannot be read ({reason}); {fix}")
         self.path = str(path)
         self.reason = reason
 
 
 def _reason(error: BaseException) -> str:
-    lines = str(error).splitlines()
-    return f"{type(error).__name__}: {lines[0][:120] if lines else ''}".rstrip(": ")
+    # Pillow names bytes it cannot identify by their object's repr (<_io.BytesIO object at 0x...>),
+    # which first_line leaves out: the message names the image already.
+    text = first_line(error)
+    return type(error).__name__ if text == type(error).__name__ else f"{type(error).__name__}: {text}"
+
+
+def _check_pixels(width: int, height: int, name: str | Path) -> None:
+    """UnreadableImage for an image of more than `PIL.Image.MAX_IMAGE_PIXELS` pixels (read at
+    the call, so a program that changes Pillow's limit changes vitexp's)."""
+    limit = Image.MAX_IMAGE_PIXELS
+    if limit is not None and width * height > limit:
+        pixels = f"{width}×{height} = {width * height:,} pixels"
+        limit_is = f"the {limit:,} of PIL.Image.MAX_IMAGE_PIXELS, the decompression-bomb limit"
+        raise UnreadableImage(name, f"it is {pixels}, more than {limit_is}", _SHRINK)
+
+
+# The frame headers (SOF0-SOF15 but DHT, JPG and DAC, which share their range) hold the size.
+_SOF = frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}
+
+
+def jpeg_size(data: bytes | memoryview) -> tuple[int, int] | None:
+    """(width, height) of a JPEG from its frame header, stepping over the segments before it
+    by their lengths (nothing is decoded); None when `data` is not a JPEG whose header can be
+    read so (the decoder then decides)."""
+    if bytes(data[:3]) != b"\xff\xd8\xff":
+        return None
+    i, n = 2, len(data)
+    while i + 4 <= n:
+        if data[i] != 0xFF:
+            return None
+        marker = data[i + 1]
+        if marker == 0xFF:  # fill byte
+            i += 1
+        elif marker == 0x01 or 0xD0 <= marker <= 0xD8:  # markers without a length
+            i += 2
+        elif marker in (0xD9, 0xDA):  # the end, or a scan, before any frame header
+            return None
+        elif marker in _SOF:
+            if i + 9 > n:
+                return None
+            return (data[i + 7] << 8) | data[i + 8], (data[i + 5] << 8) | data[i + 6]
+        else:
+            i += 2 + ((data[i + 2] << 8) | data[i + 3])
+    return None
+
+
+def _check_jpeg(data: bytes | memoryview, name: str | Path) -> None:
+    size = jpeg_size(data)
+    if size is not None:
+        _check_pixels(*size, name)
+
+
+_scratch: dict[int, IO[bytes]] = {}  # per process: a forked worker must not share its parent's
+_told: set[str] = set()  # images whose libjpeg warning this process has logged
+
+
+@contextlib.contextmanager
+def _libjpeg_messages(name: str | Path) -> Iterator[None]:
+    """libjpeg prints the warnings of a file it decodes anyway ("unknown JFIF revision number",
+    "Corrupt JPEG data: 2 extraneous bytes") to the process's stderr, and torchvision gives no
+    way to route them: while the fast path decodes, file descriptor 2 points at a scratch file,
+    and what lands there becomes one warning naming the image (once per image and process)."""
+    pid = os.getpid()
+    if pid not in _scratch:
+        _scratch[pid] = tempfile.TemporaryFile()  # noqa: SIM115 (kept open while the process lives)
+    fd = _scratch[pid].fileno()
+    try:
+        sys.stderr.flush()
+        saved = os.dup(2)
+    except (OSError, ValueError):  # no stderr to redirect (a closed descriptor)
+        yield
+        return
+    os.dup2(fd, 2)
+    try:
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        written = os.lseek(fd, 0, os.SEEK_CUR)
+        if written:
+            os.lseek(fd, 0, os.SEEK_SET)
+            said = os.read(fd, min(written, 4096)).decode("utf-8", "replace").strip()
+            os.ftruncate(fd, 0)
+            os.lseek(fd, 0, os.SEEK_SET)
+            if str(name) not in _told:
+                _told.add(str(name))
+                log.warning("image %s: libjpeg: %s", name, " ".join(said.split()))
 
 
 def _flatten_alpha(img: Image.Image) -> Image.Image:
@@ -87,10 +192,18 @@ def _check_channels(channels: int) -> None:
 def _decode_pil(source: IO[bytes], name: str | Path, channels: int) -> Tensor:
     """The pixels of an image file (or its bytes) by Pillow, or UnreadableImage."""
     try:
-        with Image.open(source) as opened:
+        with warnings.catch_warnings():
+            # Pillow warns above MAX_IMAGE_PIXELS and refuses above twice that; vitexp refuses
+            # above it (`_check_pixels`), before decoding, with one line.
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            opened = Image.open(source)
+        with opened:
+            _check_pixels(*opened.size, name)
             opened.load()
             # Photos are often stored sideways with an EXIF tag saying how to turn them.
             img = ImageOps.exif_transpose(opened)
+    except Image.DecompressionBombError as e:
+        raise UnreadableImage(name, _reason(e), _SHRINK) from e
     except _BROKEN as e:
         raise UnreadableImage(name, _reason(e)) from e
     img = _flatten_alpha(_high_depth_to_8bit(img))
@@ -127,14 +240,15 @@ def _to_channels(image: Tensor, channels: int) -> Tensor | None:
     return None
 
 
-def _jpeg_fast(data: Tensor, channels: int) -> Tensor | None:
+def _jpeg_fast(data: Tensor, channels: int, name: str | Path) -> Tensor | None:
     """`decode_jpeg` of one JPEG on the CPU, or None when it must go to Pillow."""
     try:
         from torchvision.io import decode_jpeg
     except ImportError:  # a torchvision without its image decoders (deprecated since 0.29)
         return None
     try:
-        image = decode_jpeg(data, apply_exif_orientation=True)
+        with _libjpeg_messages(name):
+            image = decode_jpeg(data, apply_exif_orientation=True)
     except RuntimeError:  # libjpeg's refusal (truncated, corrupt, 12-bit): Pillow names it
         return None
     return _to_channels(image, channels)
@@ -151,35 +265,62 @@ def decode_image(data: bytes, channels: int, name: str | Path) -> Tensor:
     decoded."""
     _check_channels(channels)
     if is_jpeg(data):
-        image = _jpeg_fast(_as_tensor(data), channels)
+        _check_jpeg(data, name)
+        image = _jpeg_fast(_as_tensor(data), channels, name)
         if image is not None:
             return image
     return _decode_pil(io.BytesIO(data), name, channels)
 
 
+def _fits(data: Tensor) -> bool:
+    """Whether an encoded JPEG's header allows decoding it (`_check_pixels`)."""
+    try:
+        _check_jpeg(data.cpu().numpy().data, "")
+    except UnreadableImage:
+        return False
+    return True
+
+
+def _decode_one(data: Tensor, device: torch.device | str, name: str) -> Tensor | None:
+    from torchvision.io import decode_jpeg
+
+    try:
+        with _libjpeg_messages(name) if torch.device(device).type == "cpu" else contextlib.nullcontext():
+            return decode_jpeg(data, device=device, apply_exif_orientation=True)
+    except RuntimeError:
+        return None
+
+
 def decode_jpegs(
-    datas: Sequence[Tensor], channels: int, device: torch.device | str = "cpu"
+    datas: Sequence[Tensor],
+    channels: int,
+    device: torch.device | str = "cpu",
+    names: Sequence[str] | None = None,
 ) -> list[Tensor | None]:
     """A batch of encoded JPEGs (uint8 tensors of their bytes) decoded by one
     `torchvision.io.decode_jpeg` call on `device` (nvJPEG on a CUDA device), with their EXIF
-    orientation applied. An entry the batch call cannot take (CMYK, or a file it rejects) is
-    None: decode it with `decode_image`, which goes to Pillow."""
+    orientation applied. An entry the batch call cannot take (CMYK, a file it rejects, or one
+    whose header declares more than `PIL.Image.MAX_IMAGE_PIXELS` pixels) is None: decode it
+    with `decode_image`, which goes to Pillow (or refuses it, naming it). `names` name the
+    images in libjpeg's warnings."""
     from torchvision.io import decode_jpeg
 
     _check_channels(channels)
-    if not datas:
-        return []
-    try:
-        images: list[Tensor | None] = list(
-            decode_jpeg(list(datas), device=device, apply_exif_orientation=True)
-        )
-    except RuntimeError:  # one bad file fails the whole call: decode one by one
-        images = []
-        for data in datas:
-            try:
-                images.append(decode_jpeg(data, device=device, apply_exif_orientation=True))
-            except RuntimeError:
-                images.append(None)
+    names = list(names) if names is not None else [f"item {i} of a batch" for i in range(len(datas))]
+    images: list[Tensor | None] = [None] * len(datas)
+    todo = [i for i, data in enumerate(datas) if _fits(data)]
+    if not todo:
+        return images
+    if torch.device(device).type == "cuda":
+        try:
+            decoded = decode_jpeg([datas[i] for i in todo], device=device, apply_exif_orientation=True)
+            for i, image in zip(todo, decoded, strict=True):
+                images[i] = image
+            todo = []
+        except RuntimeError:  # one bad file fails the whole call: decode one by one
+            pass
+    for i in todo:  # on the CPU, torchvision decodes one by one anyway
+        images[i] = _decode_one(datas[i], device, names[i])
     return [None if image is None else _to_channels(image, channels) for image in images]
 
 
@@ -259,8 +400,10 @@ class Encoded(NamedTuple):
 
 
 def defer_or_load(data: bytes, channels: int, size: Sequence[int], where: str) -> Tensor | Encoded:
-    """A JPEG left encoded (`Encoded`), anything else decoded now by `load_image_bytes`."""
+    """A JPEG left encoded (`Encoded`), anything else decoded now by `load_image_bytes`. A JPEG
+    whose header declares too many pixels is refused here (UnreadableImage), in the worker."""
     if is_jpeg(data):
+        _check_jpeg(data, where)
         return Encoded(_as_tensor(data), where)
     return load_image_bytes(data, channels, size, where)
 
@@ -272,7 +415,9 @@ def decode_deferred(
     on a CUDA device) and `fit_image`, the decoded items moved as they are. Returns the images
     (None where one cannot be read: Pillow decides, and names it) and the failures (where, why)."""
     encoded = [item for item in items if isinstance(item, Encoded)]
-    decoded = iter(decode_jpegs([item.data for item in encoded], channels, device))
+    decoded = iter(
+        decode_jpegs([item.data for item in encoded], channels, device, [item.where for item in encoded])
+    )
     out: list[Tensor | None] = []
     failures: list[tuple[str, str]] = []
     for item in items:

@@ -28,6 +28,13 @@ the epoch in progress, the loop's checkpoint the order and the step; a resumed w
 the start of its window and replays it. Unreadable samples (a missing shard, a sample without
 its label, a corrupt image) follow `dataset.on_error`: `fail` stops naming the shard and the
 sample, `skip` leaves them out of their batch with one warning each.
+
+The counts are checked as the shards are read: a shard that ends before its count gives error
+samples for what is missing, and a reader that reaches a shard's counted end reads on to make
+sure nothing follows; a shard that holds more turns its last counted sample into an error
+naming both counts (and the shard index to write again), so that no sample goes unread
+silently. Every evaluation reads every test shard to its end, so a stale index of the test
+shards stops the first evaluation.
 """
 
 from __future__ import annotations
@@ -64,6 +71,7 @@ class RawSample:
     image: bytes | None = None
     label: int | None = None
     error: str | None = None  # why it cannot be used (no label, no image, shard unreadable)
+    bad_label: bool = False  # the error is a label of the wrong kind
 
 
 class ShardUnavailable(Exception):
@@ -96,6 +104,7 @@ class StreamSplit(FileSplit):
         on_error: str = "fail",
         shuffle_buffer: int = 0,
         source: str = "the shards",
+        index: str | None = None,
     ) -> None:
         size = (int(image_size[0]), int(image_size[1]))
         super().__init__(
@@ -105,6 +114,7 @@ class StreamSplit(FileSplit):
         self.reader = reader
         self.shuffle_buffer = int(shuffle_buffer)
         self.source = source
+        self.index = index  # the shard index the counts come from; None: counted at start-up
         self.num_classes: int | None = None  # set by `check`, when ImageData is made
 
     def __len__(self) -> int:
@@ -254,28 +264,49 @@ def plan_epoch(
 # --------------------------------------------------------------------------- reading
 
 
+def _miscount(split: StreamSplit, shard: Shard, held: int) -> str:
+    """Why a shard's sample count is wrong, and what to do, for a sample's error."""
+    if split.index is None:
+        return f"it holds {held} samples, not the {shard.samples} counted at start-up (it changed since)"
+    return (
+        f"it holds {held} samples, not the {shard.samples} that its index {split.index} lists; write the "
+        f"index again (python -m vitexp.shards writes shards with theirs) or correct its nsamples"
+    )
+
+
 def read_segment(split: StreamSplit, index: int, skip: int, take: int) -> Iterator[RawSample]:
     """`take` raw samples of shard `index` after its first `skip` (read, not decoded). A shard
     that cannot be read, or ends early, gives error samples for what is missing, so that
-    positions (and so the plan) never shift."""
+    positions (and so the plan) never shift. A segment that ends where the shard should reads
+    on to its end: if more samples follow, its last sample becomes an error naming both counts
+    (one sample is held back to make that possible)."""
     shard = split.shards[index]
-    got, reason = 0, None
+    to_end = skip + take == shard.samples
+    got, reason, last = 0, None, None
     samples = split.reader.samples(shard)
     try:
         for i, raw in enumerate(samples):
             if i < skip:
                 continue
-            yield raw
-            got += 1
-            if got == take:
-                return
-        reason = f"it holds {skip + got} samples, not the {shard.samples} its index lists"
+            if got == take:  # past the counted end: count the rest, in this rare case only
+                held = skip + got + 1 + sum(1 for _ in samples)
+                last = RawSample(where=shard.url, error=_miscount(split, shard, held))
+                break
+            if last is not None:
+                yield last
+            last, got = raw, got + 1
+            if got == take and not to_end:
+                break
+        if got < take:
+            reason = _miscount(split, shard, skip + got)
     except ShardUnavailable as e:
         reason = e.reason
     finally:
         close = getattr(samples, "close", None)
         if close is not None:
             close()
+    if last is not None:
+        yield last
     for _ in range(take - got):
         yield RawSample(where=shard.url, error=reason)
 

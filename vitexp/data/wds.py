@@ -1,23 +1,27 @@
 """WebDataset shards: tar files of samples, each an image (`jpg`, `jpeg`, `png` or `webp`) and a
-`cls` label (the class index as text), read in order by the `webdataset` library (local paths,
-or any URL its `gopen` opens: `pipe:`, `http(s)://`, ...) and planned over ranks and workers by
-`vitexp.data.streams`.
+`cls` label (the class index as text, or a name of the class list), read in order by the
+`webdataset` library (local paths, or any URL its `gopen` opens: `pipe:`, `http(s)://`, ...) and
+planned over ranks and workers by `vitexp.data.streams`.
 
 A split is given as a brace pattern (`/data/train-{000000..000146}.tar`), a list of them, or a
 shard index: a `.json` file in WebDataset's `wids` format (`{"shardlist": [{"url": ...,
 "nsamples": ...}], ...}`, shard URLs relative to the index), which `python -m vitexp.shards`
-writes beside the shards. The plan needs each shard's sample count: an index gives them;
-without one, every shard is read through once at start-up to count them.
+writes beside the shards. The plan needs each shard's sample count: an index gives them (and
+they are checked as the shards are read: a shard that holds more or fewer samples stops the run
+naming both counts); without one, every shard is read through once at start-up to count them.
 
 Class names come from `classes` (the config), else `classes_file` (one name a line, or a JSON
 list), else the index's `classes`, else a `classes.txt` beside the first training shard, else
-"0", "1", ... up to `num_classes`.
+"0", "1", ... up to `num_classes`. The first training sample's label is checked at load, so
+that labels of the wrong kind (names the class list lacks, fractions) stop before training, in
+one line.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import re
 import tarfile
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -54,15 +58,23 @@ def _open(url: str) -> Any:
     return webdataset.gopen.gopen(url, "rb")
 
 
-def _label(value: bytes) -> int | None:
+def _label(value: bytes, classes: dict[str, int] | None) -> int | None:
+    """The class index a `cls` holds: an integer, or a name of the class list; None otherwise."""
     try:
-        return int(value.decode("utf-8").strip())
-    except (UnicodeDecodeError, ValueError):  # int() of text that is not a number
+        text = value.decode("utf-8").strip()
+    except UnicodeDecodeError:
         return None
+    if re.fullmatch(r"[+-]?\d+", text):
+        return int(text)
+    return None if classes is None else classes.get(text)
 
 
 class TarShardReader(ShardReader):
-    """Samples of one WebDataset tar shard, through `webdataset`'s tar iterator."""
+    """Samples of one WebDataset tar shard, through `webdataset`'s tar iterator; `classes` maps
+    class names to indices, for shards whose `cls` holds names."""
+
+    def __init__(self, classes: Sequence[str] | None = None) -> None:
+        self.classes = {str(c): i for i, c in enumerate(classes)} if classes is not None else None
 
     def samples(self, shard: Shard) -> Iterator[RawSample]:
         from webdataset.tariterators import group_by_keys, tar_file_expander
@@ -74,24 +86,56 @@ class TarShardReader(ShardReader):
         try:
             files = tar_file_expander([{"url": shard.url, "stream": stream}], eof_value=None)
             for sample in group_by_keys(files):
-                yield _raw(shard.url, sample)
+                yield _raw(shard.url, sample, self.classes)
         except (tarfile.TarError, OSError, EOFError) as e:
             raise ShardUnavailable(f"the shard cannot be read on ({_reason(e)})") from e
         finally:
             stream.close()
 
 
-def _raw(url: str, sample: dict[str, Any]) -> RawSample:
+def _raw(url: str, sample: dict[str, Any], classes: dict[str, int] | None) -> RawSample:
     where = f"{url}: sample {sample.get('__key__')}"
     image = next((sample[k] for k in IMAGE_KEYS if k in sample), None)
     if image is None:
         return RawSample(where, error=f"it has no image ({', '.join(IMAGE_KEYS)})")
     if LABEL_KEY not in sample:
         return RawSample(where, error=f"it has no {LABEL_KEY} label")
-    label = _label(sample[LABEL_KEY])
+    label = _label(sample[LABEL_KEY], classes)
     if label is None:
-        return RawSample(where, error=f"its {LABEL_KEY} label {sample[LABEL_KEY][:20]!r} is not an integer")
+        text = bytes(sample[LABEL_KEY][:20]).decode("utf-8", "replace").strip()
+        return RawSample(
+            where,
+            error=f"its {LABEL_KEY} label {text!r} is neither a class index nor a class name",
+            bad_label=True,
+        )
     return RawSample(where, image=image, label=label)
+
+
+def _check_first_label(shards: list[Shard], reader: TarShardReader, names: list[str], on_error: str) -> None:
+    """The first training sample's label, read now: labels of the wrong kind (names the class
+    list lacks, fractions) are one line before training rather than an error per sample."""
+    if not shards:
+        return
+    samples = reader.samples(shards[0])
+    try:
+        first = next(iter(samples), None)
+    except ShardUnavailable:
+        return  # reported when it is read, by on_error
+    finally:
+        close = getattr(samples, "close", None)
+        if close is not None:
+            close()
+    if first is None or not first.bad_label:
+        return
+    shown = ",".join(names[:10]) + (",..." if len(names) > 10 else "")
+    message = (
+        f"{first.where}: {first.error}; each sample's {LABEL_KEY} must be a class index 0..{len(names) - 1} "
+        f"or one of the class names [{shown}]: give the names the shards use with dataset.classes=[...] "
+        f"or dataset.classes_file=FILE"
+    )
+    if on_error != "skip":
+        raise ConfigError(message)
+    log.warning("%s (samples like it are skipped)", message)
 
 
 # --------------------------------------------------------------------------- shard lists
@@ -237,12 +281,15 @@ def load_wds(
             f"the shards' class list has {len(names)} names but dataset.num_classes={num_classes}; "
             f"set dataset.num_classes={len(names)}"
         )
-    reader = TarShardReader()
+    reader = TarShardReader(names)
+    _check_first_label(train, reader, names, on_error)
 
-    def split(shards: list[Shard], name: str, buffer: int) -> StreamSplit:
+    def split(shards: list[Shard], spec: str | Sequence[str], name: str, buffer: int) -> StreamSplit:
+        index = spec if isinstance(spec, str) and spec.endswith(".json") else None
         return StreamSplit(
             shards, reader, image_size=size, in_channels=in_channels, on_error=on_error,
-            shuffle_buffer=buffer, source=f"the {name} shards",
+            shuffle_buffer=buffer, source=f"the {name} shards", index=index,
         )  # fmt: skip
 
-    return ImageData(split(train, "training", shuffle_buffer), split(test, "test", 0), names)
+    training = split(train, train_shards, "training", shuffle_buffer)
+    return ImageData(training, split(test, test_shards, "test", 0), names)

@@ -4,7 +4,9 @@
 A model config is a `_target_` (the model class) and its keyword arguments, plus `pretrained` and
 `pretrained_format`, which say how to initialise the model rather than what to build. A user's
 config may name any importable class; its keys are compared with the class's arguments before the
-call, so a misspelt setting is a one-line ConfigError with a did-you-mean rather than a TypeError.
+call (`vitexp.registry.check_arguments`, which reads named parameters and a family's shared
+`**kwargs: Unpack[...]` alike), so a misspelt setting is a one-line ConfigError with a did-you-mean
+rather than a TypeError.
 A config read from a checkpoint is not trusted: it is built only through the registry of vitexp's
 own model classes (`vitexp.registry.build_registered`), which refuses anything else before
 calling it.
@@ -12,8 +14,6 @@ calling it.
 
 from __future__ import annotations
 
-import difflib
-import inspect
 import pydoc
 from collections.abc import Callable, Mapping
 from typing import Any, TypeAlias
@@ -29,7 +29,7 @@ from vitexp.models.hybrid import HybridVisionTransformer
 from vitexp.models.vit import VisionTransformer
 from vitexp.models.weights import load_pretrained as load_pretrained_weights
 from vitexp.models.weights import resolve_weights
-from vitexp.registry import build_registered
+from vitexp.registry import build_registered, check_arguments
 
 __all__ = [
     "LOAD_KEYS",
@@ -37,7 +37,6 @@ __all__ = [
     "StoredModel",
     "build_model",
     "build_stored_model",
-    "check_arguments",
 ]
 
 # Keys of a model config that say how to initialise the model rather than what to build.
@@ -79,24 +78,6 @@ def _target(path: Any) -> Callable[..., Any]:
     return target
 
 
-def check_arguments(target: Callable[..., Any], kwargs: Mapping[str, Any], what: str = "model") -> None:
-    """Raise a one-line ConfigError for the first key of `kwargs` that `target` does not take,
-    with the closest argument name when one is near (`hiden_size` -> `hidden_size`)."""
-    parameters = inspect.signature(target).parameters
-    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values()):
-        return
-    names = [name for name, p in parameters.items() if p.kind is not inspect.Parameter.VAR_POSITIONAL]
-    for key in kwargs:
-        if key not in parameters:
-            close = difflib.get_close_matches(key, names, n=1)
-            hint = (
-                f"; did you mean {what}.{close[0]}?" if close else f"; its arguments are {', '.join(names)}"
-            )
-            raise ConfigError(
-                f"{what}.{key} is not an argument of {getattr(target, '__name__', target)}{hint}"
-            )
-
-
 def _instantiate_nested(value: Any) -> Any:
     """Arguments that are configs of their own (`{_target_: ...}`) are built by Hydra, as before."""
     if isinstance(value, dict) and "_target_" in value:
@@ -121,7 +102,7 @@ def build_model(model_cfg: Mapping[str, Any], *, load_pretrained: bool = True) -
         raise ConfigError(
             f"model.{directives[0]} is not supported: a model config is its _target_ and keyword arguments"
         )
-    check_arguments(target, kwargs)
+    check_arguments(target, kwargs, "model")
     model = target(**{key: _instantiate_nested(value) for key, value in kwargs.items()})
     source = config.get("pretrained")
     if load_pretrained and source:

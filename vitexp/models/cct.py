@@ -27,20 +27,28 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from typing_extensions import Unpack
 
 from vitexp.errors import ConfigError
-from vitexp.models.checks import (
-    check_choice,
-    check_encoder_arguments,
-    check_non_negative,
-    check_positive,
-    image_size,
-)
-from vitexp.models.vit import Encoder
+from vitexp.models.checks import check_choice, check_non_negative, check_positive, check_rate, image_size
+from vitexp.models.vit import Encoder, EncoderArguments
 
-__all__ = ["CCT", "CCTEmbeddings", "ConvTokenizer", "sinusoidal_position_embeddings"]
+__all__ = ["CCT", "CCT_ENCODER", "CCTEmbeddings", "ConvTokenizer", "sinusoidal_position_embeddings"]
 
 PositionEmbedding = Literal["learnable", "sine", "none"]
+
+# CCT's defaults for the encoder settings it passes on to `Encoder` where they differ from the
+# ViT's: CCT-7's sizes and the official code's choices (no qkv bias, LayerNorm eps 1e-5, attention
+# dropout and stochastic depth 0.1).
+CCT_ENCODER = EncoderArguments(
+    mlp_dim=512,
+    num_heads=4,
+    num_layers=7,
+    qkv_bias=False,
+    attention_dropout_rate=0.1,
+    drop_path_rate=0.1,
+    norm_eps=1e-5,
+)
 
 
 def sinusoidal_position_embeddings(num_positions: int, dim: int) -> Tensor:
@@ -91,6 +99,7 @@ class ConvTokenizer(nn.Sequential):
             )
         )
         self.in_channels = in_channels
+        self.out_channels = out_channels
         self.geometry = (kernel_size, stride, padding, pool_kernel_size, pool_stride, pool_padding)
         self.stride = (stride * pool_stride) ** num_layers
 
@@ -108,58 +117,27 @@ class CCTEmbeddings(nn.Module):
 
     def __init__(
         self,
+        tokenizer: ConvTokenizer,
         *,
         img_size: int | tuple[int, int] = 32,
-        in_channels: int = 3,
-        hidden_size: int = 256,
-        conv_layers: int = 1,
-        conv_channels: int = 64,
-        conv_kernel_size: int = 3,
-        conv_stride: int = 1,
-        conv_padding: int = 1,
-        pool_kernel_size: int = 3,
-        pool_stride: int = 2,
-        pool_padding: int = 1,
         position_embedding: PositionEmbedding = "learnable",
         dropout_rate: float = 0.0,
     ) -> None:
         super().__init__()
         check_choice("position_embedding", position_embedding, ("learnable", "sine", "none"))
-        for name, value in (
-            ("in_channels", in_channels),
-            ("conv_layers", conv_layers),
-            ("conv_channels", conv_channels),
-            ("conv_kernel_size", conv_kernel_size),
-            ("conv_stride", conv_stride),
-            ("pool_kernel_size", pool_kernel_size),
-            ("pool_stride", pool_stride),
-        ):
-            check_positive(name, value)
-        check_non_negative("conv_padding", conv_padding)
-        check_non_negative("pool_padding", pool_padding)
-        self.tokenizer = ConvTokenizer(
-            in_channels=in_channels,
-            out_channels=hidden_size,
-            num_layers=conv_layers,
-            hidden_channels=conv_channels,
-            kernel_size=conv_kernel_size,
-            stride=conv_stride,
-            padding=conv_padding,
-            pool_kernel_size=pool_kernel_size,
-            pool_stride=pool_stride,
-            pool_padding=pool_padding,
-        )
+        self.tokenizer = tokenizer
         height, width = image_size(img_size)
-        stride = self.tokenizer.stride
-        grid = (self.tokenizer.output_size(height), self.tokenizer.output_size(width))
+        stride, hidden_size = tokenizer.stride, tokenizer.out_channels
+        grid = (tokenizer.output_size(height), tokenizer.output_size(width))
         # With the image a multiple of the tokenizer's stride every token sees a full window and
         # none of the image is dropped at the border by the floor of the convolution arithmetic.
         if height % stride or width % stride or min(grid) < 1:
             shown = height if height == width else (height, width)
+            _, conv_stride, _, _, pool_stride, _ = tokenizer.geometry
             raise ConfigError(
                 f"img_size={shown} is not divisible by {stride}, the stride of the convolutional tokenizer "
-                f"({conv_layers} × conv stride {conv_stride} × pool stride {pool_stride}): use an image size "
-                f"that is a multiple of {stride} (e.g. {max(stride, height // stride * stride)})"
+                f"({len(tokenizer)} × conv stride {conv_stride} × pool stride {pool_stride}): use an image "
+                f"size that is a multiple of {stride} (e.g. {max(stride, height // stride * stride)})"
             )
         self.img_size = (height, width)
         self.patch_size = stride  # pixels per token along each side, as a ViT patch
@@ -199,7 +177,10 @@ class CCT(nn.Module):
     → sequence pooling → linear head. `forward` returns logits.
 
     Sequence pooling: a linear layer scores every output token, the softmax of the scores over
-    the tokens weights their average, and the head reads that average (no class token).
+    the tokens weights their average, and the head reads that average (no class token). The
+    encoder's other settings (`EncoderArguments`: `mlp_dim`, `num_heads`, `num_layers`, ...) are
+    keyword arguments too, passed on to `Encoder`; their defaults are `CCT_ENCODER`'s where it
+    has one, else Encoder's.
     `attention_maps` returns every layer's attention probabilities, (B, heads, tokens, tokens)
     over the patch tokens only; `pooling_weights` the pooling's (B, tokens)."""
 
@@ -210,9 +191,7 @@ class CCT(nn.Module):
         in_channels: int = 3,
         num_classes: int = 10,
         hidden_size: int = 256,
-        mlp_dim: int = 512,
-        num_heads: int = 4,
-        num_layers: int = 7,
+        dropout_rate: float = 0.0,
         conv_layers: int = 1,
         conv_channels: int = 64,
         conv_kernel_size: int = 3,
@@ -222,58 +201,44 @@ class CCT(nn.Module):
         pool_stride: int = 2,
         pool_padding: int = 1,
         position_embedding: PositionEmbedding = "learnable",
-        qkv_bias: bool = False,
-        dropout_rate: float = 0.0,
-        attention_dropout_rate: float = 0.1,
-        drop_path_rate: float = 0.1,
-        norm_eps: float = 1e-5,
-        layer_scale_init: float | None = None,
-        locality_attention: bool = False,
+        **encoder: Unpack[EncoderArguments],
     ) -> None:
         super().__init__()
         image_size(img_size)
         check_non_negative("num_classes", num_classes)
-        check_encoder_arguments(
-            hidden_size=hidden_size,
-            mlp_dim=mlp_dim,
-            num_heads=num_heads,
-            num_layers=num_layers,
-            dropout_rate=dropout_rate,
-            attention_dropout_rate=attention_dropout_rate,
-            drop_path_rate=drop_path_rate,
-            layer_scale_init=layer_scale_init,
-            norm_eps=norm_eps,
-        )
+        # The tokenizer is built before the Encoder checks its settings: these two first.
+        check_positive("hidden_size", hidden_size)
+        check_rate("dropout_rate", dropout_rate)
+        for name, value in (
+            ("in_channels", in_channels),
+            ("conv_layers", conv_layers),
+            ("conv_channels", conv_channels),
+            ("conv_kernel_size", conv_kernel_size),
+            ("conv_stride", conv_stride),
+            ("pool_kernel_size", pool_kernel_size),
+            ("pool_stride", pool_stride),
+        ):
+            check_positive(name, value)
+        check_non_negative("conv_padding", conv_padding)
+        check_non_negative("pool_padding", pool_padding)
         self.num_classes = num_classes
         self.hidden_size = hidden_size
-        self.embeddings = CCTEmbeddings(
-            img_size=img_size,
+        tokenizer = ConvTokenizer(
             in_channels=in_channels,
-            hidden_size=hidden_size,
-            conv_layers=conv_layers,
-            conv_channels=conv_channels,
-            conv_kernel_size=conv_kernel_size,
-            conv_stride=conv_stride,
-            conv_padding=conv_padding,
+            out_channels=hidden_size,
+            num_layers=conv_layers,
+            hidden_channels=conv_channels,
+            kernel_size=conv_kernel_size,
+            stride=conv_stride,
+            padding=conv_padding,
             pool_kernel_size=pool_kernel_size,
             pool_stride=pool_stride,
             pool_padding=pool_padding,
-            position_embedding=position_embedding,
-            dropout_rate=dropout_rate,
         )
-        self.encoder = Encoder(
-            hidden_size=hidden_size,
-            mlp_dim=mlp_dim,
-            num_heads=num_heads,
-            num_layers=num_layers,
-            qkv_bias=qkv_bias,
-            dropout_rate=dropout_rate,
-            attention_dropout_rate=attention_dropout_rate,
-            drop_path_rate=drop_path_rate,
-            norm_eps=norm_eps,
-            layer_scale_init=layer_scale_init,
-            locality_attention=locality_attention,
+        self.embeddings = CCTEmbeddings(
+            tokenizer, img_size=img_size, position_embedding=position_embedding, dropout_rate=dropout_rate
         )
+        self.encoder = Encoder(hidden_size=hidden_size, dropout_rate=dropout_rate, **(CCT_ENCODER | encoder))
         self.attention_pool = nn.Linear(hidden_size, 1)
         self.head = nn.Linear(hidden_size, num_classes) if num_classes > 0 else nn.Identity()
         self.init_weights()

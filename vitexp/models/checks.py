@@ -1,9 +1,10 @@
 """Checks of the settings every model family takes, each a one-line ConfigError naming the setting.
 
-The constructors of `VisionTransformer`, `HybridVisionTransformer`, `CvT` and `CCT` run these on
-their own arguments before building anything, so a bad value (`drop_path_rate=1.5`,
-`hidden_size=0`, `model.hidden_size=abc` on the command line) is reported as the setting it is,
-not as a shape error or a TypeError from deep inside torch. Each returns the value it accepted.
+Each module runs these on the arguments it reads, before building anything with them (`Encoder`
+on the transformer encoder's, which `VisionTransformer`, the hybrid and `CCT` pass on to it; each
+family on its own), so a bad value (`drop_path_rate=1.5`, `hidden_size=0`, `model.hidden_size=abc`
+on the command line) is reported as the setting it is, not as a shape error or a TypeError from
+deep inside torch. Each returns the value it accepted.
 """
 
 from __future__ import annotations
@@ -15,7 +16,6 @@ from vitexp.errors import ConfigError
 
 __all__ = [
     "check_choice",
-    "check_encoder_arguments",
     "check_layer_scale",
     "check_non_negative",
     "check_norm_eps",
@@ -23,6 +23,7 @@ __all__ = [
     "check_positive_number",
     "check_positive_or_none",
     "check_rate",
+    "head_dim",
     "image_size",
 ]
 
@@ -107,31 +108,11 @@ def image_size(value: Any, name: str = "img_size") -> tuple[int, int]:
     raise ConfigError(f"{name}={value!r} must be a positive integer or a [height, width] pair of them")
 
 
-def check_encoder_arguments(
-    *,
-    hidden_size: Any,
-    mlp_dim: Any,
-    num_heads: Any,
-    num_layers: Any,
-    dropout_rate: Any,
-    attention_dropout_rate: Any,
-    drop_path_rate: Any,
-    layer_scale_init: Any,
-    norm_eps: Any,
-) -> None:
-    """The settings of the transformer encoder that the ViT, the hybrid and CCT share."""
-    for name, value in (
-        ("hidden_size", hidden_size),
-        ("mlp_dim", mlp_dim),
-        ("num_heads", num_heads),
-        ("num_layers", num_layers),
-    ):
-        check_positive(name, value)
-    for name, rate in (
-        ("dropout_rate", dropout_rate),
-        ("attention_dropout_rate", attention_dropout_rate),
-        ("drop_path_rate", drop_path_rate),
-    ):
-        check_rate(name, rate)
-    check_layer_scale(layer_scale_init)
-    check_norm_eps(norm_eps)
+def head_dim(hidden_size: int, num_heads: int) -> int:
+    """The width of each attention head; a width the heads do not divide is a ConfigError."""
+    if hidden_size % num_heads:
+        raise ConfigError(
+            f"hidden_size={hidden_size} is not divisible by num_heads={num_heads}: "
+            f"choose num_heads among the divisors of hidden_size"
+        )
+    return hidden_size // num_heads

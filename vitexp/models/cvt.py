@@ -24,11 +24,12 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
-from typing import Any, cast
+from typing import Any, TypedDict, cast
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from typing_extensions import Unpack
 
 from vitexp.errors import ConfigError
 from vitexp.models.checks import (
@@ -37,9 +38,10 @@ from vitexp.models.checks import (
     check_positive,
     check_positive_number,
     check_rate,
+    head_dim,
     image_size,
 )
-from vitexp.models.vit import Block
+from vitexp.models.vit import Block, drop_path_rates
 
 __all__ = ["ConvAttention", "ConvEmbeddings", "ConvProjection", "CvT", "CvTBlock", "CvTStage"]
 
@@ -94,6 +96,17 @@ class ConvProjection(nn.Module):
         return self.bn(self.conv(grid)).flatten(2).transpose(1, 2)
 
 
+class ConvProjectionArguments(TypedDict, total=False):
+    """The geometry of `ConvAttention`'s convolutional projections, as keyword arguments: what
+    `CvTStage` and `CvTBlock` take as `**projection` and pass on from `CvT`'s arguments."""
+
+    kernel_size: int
+    stride_q: int
+    stride_kv: int
+    padding_q: int
+    padding_kv: int
+
+
 class ConvAttention(nn.Module):
     """Multi-head attention whose q, k and v come from a convolutional projection of the token
     grid (`conv_q/k/v`) and then a linear one (`query/key/value`); a class token, when present,
@@ -116,13 +129,8 @@ class ConvAttention(nn.Module):
         norm_eps: float = 1e-5,
     ) -> None:
         super().__init__()
-        if hidden_size % num_heads:
-            raise ConfigError(
-                f"hidden_size={hidden_size} is not divisible by num_heads={num_heads}: "
-                f"choose num_heads among the divisors of hidden_size"
-            )
         self.num_heads = num_heads
-        self.head_dim = hidden_size // num_heads
+        self.head_dim = head_dim(hidden_size, num_heads)
         # CvT's released code scales by the stage width, not the head width.
         self.scale = hidden_size**-0.5
         self.attention_dropout_rate = attention_dropout_rate
@@ -173,16 +181,12 @@ class CvTBlock(Block):
         hidden_size: int,
         mlp_dim: int,
         num_heads: int,
-        qkv_bias: bool = True,
-        kernel_size: int = 3,
-        stride_q: int = 1,
-        stride_kv: int = 2,
-        padding_q: int = 1,
-        padding_kv: int = 1,
-        dropout_rate: float = 0.0,
-        attention_dropout_rate: float = 0.0,
-        drop_path_rate: float = 0.0,
-        norm_eps: float = 1e-5,
+        qkv_bias: bool,
+        dropout_rate: float,
+        attention_dropout_rate: float,
+        drop_path_rate: float,
+        norm_eps: float,
+        **projection: Unpack[ConvProjectionArguments],
     ) -> None:
         super().__init__(
             hidden_size=hidden_size,
@@ -192,21 +196,19 @@ class CvTBlock(Block):
             dropout_rate=dropout_rate,
             attention_dropout_rate=attention_dropout_rate,
             drop_path_rate=drop_path_rate,
+            layer_scale_init=None,  # neither LayerScale nor locality attention in CvT
             norm_eps=norm_eps,
+            locality_attention=False,
         )
         # Replaces the Block's fused-qkv attention; norms, MLP and stochastic depth are kept.
         self.attn = ConvAttention(
             hidden_size=hidden_size,
             num_heads=num_heads,
             qkv_bias=qkv_bias,
-            kernel_size=kernel_size,
-            stride_q=stride_q,
-            stride_kv=stride_kv,
-            padding_q=padding_q,
-            padding_kv=padding_kv,
             attention_dropout_rate=attention_dropout_rate,
             dropout_rate=dropout_rate,
             norm_eps=norm_eps,
+            **projection,
         )
 
     def forward(self, x: Tensor, grid: tuple[int, int], prefix: int = 0) -> Tensor:  # type: ignore[override]
@@ -231,15 +233,11 @@ class CvTStage(nn.Module):
         patch_padding: int,
         class_token: bool,
         qkv_bias: bool,
-        kernel_size: int,
-        stride_q: int,
-        stride_kv: int,
-        padding_q: int,
-        padding_kv: int,
         dropout_rate: float,
         attention_dropout_rate: float,
         drop_path_rate: float,
         norm_eps: float,
+        **projection: Unpack[ConvProjectionArguments],
     ) -> None:
         super().__init__()
         self.embeddings = ConvEmbeddings(
@@ -252,25 +250,19 @@ class CvTStage(nn.Module):
         )
         self.cls_token = nn.Parameter(torch.zeros(1, 1, hidden_size)) if class_token else None
         self.dropout = nn.Dropout(dropout_rate)
-        # Stochastic depth grows linearly within the stage up to its rate (microsoft/CvT).
-        rates = [drop_path_rate * i / max(num_layers - 1, 1) for i in range(num_layers)]
         self.layer = nn.ModuleList(
             CvTBlock(
                 hidden_size=hidden_size,
                 mlp_dim=int(hidden_size * mlp_ratio),
                 num_heads=num_heads,
                 qkv_bias=qkv_bias,
-                kernel_size=kernel_size,
-                stride_q=stride_q,
-                stride_kv=stride_kv,
-                padding_q=padding_q,
-                padding_kv=padding_kv,
                 dropout_rate=dropout_rate,
                 attention_dropout_rate=attention_dropout_rate,
                 drop_path_rate=rate,
                 norm_eps=norm_eps,
+                **projection,
             )
-            for rate in rates
+            for rate in drop_path_rates(drop_path_rate, num_layers)  # within the stage, as microsoft/CvT
         )
 
     @property

@@ -23,15 +23,15 @@ import math
 from collections import OrderedDict
 from collections.abc import Sequence
 from functools import partial
-from typing import Literal
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from typing_extensions import Unpack
 
 from vitexp.errors import ConfigError
 from vitexp.models.checks import image_size
-from vitexp.models.vit import VisionTransformer
+from vitexp.models.vit import VisionTransformer, VisionTransformerArguments
 
 __all__ = ["HybridEmbeddings", "HybridVisionTransformer", "ResNetBackbone", "ResidualUnit", "StdConv2d"]
 
@@ -233,56 +233,24 @@ class HybridVisionTransformer(VisionTransformer):
     The defaults are R50+ViT-B/16 (timm's `vit_base_r50_s16_224`; 97,890,112 parameters without a
     head, 98,659,112 with 1000 classes). `patch_size` is the projection's kernel on the feature
     map (1, as in the official configs); the image size must be a multiple of the backbone's
-    stride (16) times `patch_size`. Everything else (`classifier`, `representation_size`,
-    dropout, stochastic depth, `attention_maps`, `no_weight_decay`) is the plain ViT's."""
+    stride (16) times `patch_size`. Every other argument (`VisionTransformerArguments`: sizes,
+    `classifier`, `representation_size`, dropout, stochastic depth) and method
+    (`attention_maps`, `no_weight_decay`) is the plain ViT's."""
 
     embeddings: HybridEmbeddings  # what the embed_layer passed to VisionTransformer builds
 
     def __init__(
         self,
         *,
-        img_size: int | tuple[int, int] = 224,
         patch_size: int = 1,
-        in_channels: int = 3,
-        num_classes: int = 1000,
-        hidden_size: int = 768,
-        mlp_dim: int = 3072,
-        num_heads: int = 12,
-        num_layers: int = 12,
-        qkv_bias: bool = True,
-        dropout_rate: float = 0.0,
-        attention_dropout_rate: float = 0.0,
-        drop_path_rate: float = 0.0,
-        layer_scale_init: float | None = None,
-        classifier: Literal["token", "gap"] = "token",
-        representation_size: int | None = None,
-        zero_head: bool = False,
-        norm_eps: float = 1e-6,
         resnet_layers: Sequence[int] = (3, 4, 9),
         resnet_width_factor: int = 1,
+        **kwargs: Unpack[VisionTransformerArguments],
     ) -> None:
-        super().__init__(
-            img_size=img_size,
-            patch_size=patch_size,
-            in_channels=in_channels,
-            num_classes=num_classes,
-            hidden_size=hidden_size,
-            mlp_dim=mlp_dim,
-            num_heads=num_heads,
-            num_layers=num_layers,
-            qkv_bias=qkv_bias,
-            dropout_rate=dropout_rate,
-            attention_dropout_rate=attention_dropout_rate,
-            drop_path_rate=drop_path_rate,
-            layer_scale_init=layer_scale_init,
-            classifier=classifier,
-            representation_size=representation_size,
-            zero_head=zero_head,
-            norm_eps=norm_eps,
-            embed_layer=partial(
-                HybridEmbeddings, resnet_layers=tuple(resnet_layers), resnet_width_factor=resnet_width_factor
-            ),
+        embed_layer = partial(
+            HybridEmbeddings, resnet_layers=tuple(resnet_layers), resnet_width_factor=resnet_width_factor
         )
+        super().__init__(patch_size=patch_size, embed_layer=embed_layer, **kwargs)
 
     @property
     def in_channels(self) -> int:

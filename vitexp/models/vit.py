@@ -12,19 +12,23 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from typing import Literal, Protocol, cast
+from typing import Literal, Protocol, TypedDict, cast
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from typing_extensions import Unpack
 
 from vitexp.errors import ConfigError
 from vitexp.models.checks import (
     check_choice,
-    check_encoder_arguments,
+    check_layer_scale,
     check_non_negative,
+    check_norm_eps,
     check_positive,
     check_positive_or_none,
+    check_rate,
+    head_dim,
     image_size,
 )
 
@@ -191,13 +195,8 @@ class Attention(nn.Module):
         locality: bool = False,
     ) -> None:
         super().__init__()
-        if hidden_size % num_heads:
-            raise ConfigError(
-                f"hidden_size={hidden_size} is not divisible by num_heads={num_heads}: "
-                f"choose num_heads among the divisors of hidden_size"
-            )
         self.num_heads = num_heads
-        self.head_dim = hidden_size // num_heads
+        self.head_dim = head_dim(hidden_size, num_heads)
         self.attention_dropout_rate = attention_dropout_rate
         self.qkv = nn.Linear(hidden_size, 3 * hidden_size, bias=qkv_bias)
         self.out = nn.Linear(hidden_size, hidden_size)
@@ -261,21 +260,24 @@ class Mlp(nn.Module):
 
 
 class Block(nn.Module):
-    """Pre-norm transformer block: x + attn(norm(x)), then x + mlp(norm(x))."""
+    """Pre-norm transformer block: x + attn(norm(x)), then x + mlp(norm(x)).
+
+    No defaults: a block is built by its stack (`Encoder`, CvT's stages), which holds the
+    settings' defaults and checks them."""
 
     def __init__(
         self,
         *,
-        hidden_size: int = 768,
-        mlp_dim: int = 3072,
-        num_heads: int = 12,
-        qkv_bias: bool = True,
-        dropout_rate: float = 0.0,
-        attention_dropout_rate: float = 0.0,
-        drop_path_rate: float = 0.0,
-        layer_scale_init: float | None = None,
-        norm_eps: float = 1e-6,
-        locality_attention: bool = False,
+        hidden_size: int,
+        mlp_dim: int,
+        num_heads: int,
+        qkv_bias: bool,
+        dropout_rate: float,
+        attention_dropout_rate: float,
+        drop_path_rate: float,
+        layer_scale_init: float | None,
+        norm_eps: float,
+        locality_attention: bool,
     ) -> None:
         super().__init__()
         self.attention_norm = nn.LayerNorm(hidden_size, eps=norm_eps)
@@ -302,8 +304,34 @@ class Block(nn.Module):
         return self.attn.attention_weights(self.attention_norm(x))
 
 
+def drop_path_rates(drop_path_rate: float, num_layers: int) -> list[float]:
+    """Each layer's stochastic-depth rate, growing linearly from 0 to `drop_path_rate` (Huang et al.
+    2016; as in DeiT, timm and microsoft/CvT). Plain Python, not torch.linspace(...).tolist(), so
+    the model can be built on the meta device."""
+    return [drop_path_rate * i / max(num_layers - 1, 1) for i in range(num_layers)]
+
+
+class EncoderArguments(TypedDict, total=False):
+    """The transformer encoder's settings that only `Encoder` reads, as keyword arguments:
+    `VisionTransformer`, the R50 hybrid and `CCT` take them as `**encoder` and pass them on.
+    Their defaults are Encoder's (the ViT paper's), and Encoder checks them. `hidden_size` and
+    `dropout_rate` are settings of the encoder too, but each family also reads them itself (its
+    embeddings' width and dropout), so takes them by name."""
+
+    mlp_dim: int
+    num_heads: int
+    num_layers: int
+    qkv_bias: bool
+    attention_dropout_rate: float
+    drop_path_rate: float
+    layer_scale_init: float | None
+    norm_eps: float
+    locality_attention: bool
+
+
 class Encoder(nn.Module):
-    """A stack of blocks followed by a final LayerNorm."""
+    """A stack of blocks followed by a final LayerNorm. Every setting is checked here, before
+    anything is built (a one-line ConfigError naming it)."""
 
     def __init__(
         self,
@@ -321,9 +349,21 @@ class Encoder(nn.Module):
         locality_attention: bool = False,
     ) -> None:
         super().__init__()
-        # Stochastic depth grows linearly with depth (Huang et al. 2016; as in DeiT/timm).
-        # Plain Python, not torch.linspace(...).tolist(), so the model can be built on the meta device.
-        rates = [drop_path_rate * i / max(num_layers - 1, 1) for i in range(num_layers)]
+        for name, value in (
+            ("hidden_size", hidden_size),
+            ("mlp_dim", mlp_dim),
+            ("num_heads", num_heads),
+            ("num_layers", num_layers),
+        ):
+            check_positive(name, value)
+        for name, rate in (
+            ("dropout_rate", dropout_rate),
+            ("attention_dropout_rate", attention_dropout_rate),
+            ("drop_path_rate", drop_path_rate),
+        ):
+            check_rate(name, rate)
+        check_layer_scale(layer_scale_init)
+        check_norm_eps(norm_eps)
         self.layer = nn.ModuleList(
             Block(
                 hidden_size=hidden_size,
@@ -337,7 +377,7 @@ class Encoder(nn.Module):
                 norm_eps=norm_eps,
                 locality_attention=locality_attention,
             )
-            for rate in rates
+            for rate in drop_path_rates(drop_path_rate, num_layers)
         )
         self.encoder_norm = nn.LayerNorm(hidden_size, eps=norm_eps)
 
@@ -361,11 +401,29 @@ class Encoder(nn.Module):
         return maps
 
 
+class VisionTransformerArguments(EncoderArguments, total=False):
+    """`VisionTransformer`'s arguments but those of its patch embedding (`patch_size`,
+    `shifted_patches`, `embed_layer`), as keyword arguments: what a ViT with its own embedding
+    (the R50 hybrid) takes as `**kwargs` and passes on. mypy checks each against
+    VisionTransformer's signature where they are passed."""
+
+    img_size: int | tuple[int, int]
+    in_channels: int
+    num_classes: int
+    hidden_size: int
+    dropout_rate: float
+    classifier: Literal["token", "gap", "seqpool"]
+    representation_size: int | None
+    zero_head: bool
+
+
 class VisionTransformer(nn.Module):
     """ViT for image classification: Embeddings → Encoder → pooled token → (pre-logits) → head.
 
     `forward` returns logits; the loss belongs to the training step. `attention_maps` gives
-    the per-layer attention weights of the same forward pass.
+    the per-layer attention weights of the same forward pass. The rest of the encoder's
+    settings (`mlp_dim`, `num_heads`, `num_layers`, ...: `EncoderArguments`) are keyword
+    arguments too, passed on to `Encoder` with its defaults.
     """
 
     def __init__(
@@ -376,38 +434,22 @@ class VisionTransformer(nn.Module):
         in_channels: int = 3,
         num_classes: int = 1000,
         hidden_size: int = 768,
-        mlp_dim: int = 3072,
-        num_heads: int = 12,
-        num_layers: int = 12,
-        qkv_bias: bool = True,
         dropout_rate: float = 0.0,
-        attention_dropout_rate: float = 0.0,
-        drop_path_rate: float = 0.0,
-        layer_scale_init: float | None = None,
         classifier: Literal["token", "gap", "seqpool"] = "token",
         representation_size: int | None = None,
         zero_head: bool = False,
-        norm_eps: float = 1e-6,
         shifted_patches: bool = False,
-        locality_attention: bool = False,
         embed_layer: Callable[..., EmbedLayer] = Embeddings,
+        **encoder: Unpack[EncoderArguments],
     ) -> None:
         super().__init__()
         image_size(img_size)
         for name, value in (("patch_size", patch_size), ("in_channels", in_channels)):
             check_positive(name, value)
         check_non_negative("num_classes", num_classes)
-        check_encoder_arguments(
-            hidden_size=hidden_size,
-            mlp_dim=mlp_dim,
-            num_heads=num_heads,
-            num_layers=num_layers,
-            dropout_rate=dropout_rate,
-            attention_dropout_rate=attention_dropout_rate,
-            drop_path_rate=drop_path_rate,
-            layer_scale_init=layer_scale_init,
-            norm_eps=norm_eps,
-        )
+        # The embeddings are built before the Encoder checks its settings: these two first.
+        check_positive("hidden_size", hidden_size)
+        check_rate("dropout_rate", dropout_rate)
         check_positive_or_none("representation_size", representation_size)
         check_choice("classifier", classifier, ("token", "gap", "seqpool"))
         if not callable(embed_layer):
@@ -430,19 +472,7 @@ class VisionTransformer(nn.Module):
             class_token=classifier == "token",
             **({"shifted_patches": True} if shifted_patches else {}),
         )
-        self.encoder = Encoder(
-            hidden_size=hidden_size,
-            mlp_dim=mlp_dim,
-            num_heads=num_heads,
-            num_layers=num_layers,
-            qkv_bias=qkv_bias,
-            dropout_rate=dropout_rate,
-            attention_dropout_rate=attention_dropout_rate,
-            drop_path_rate=drop_path_rate,
-            layer_scale_init=layer_scale_init,
-            norm_eps=norm_eps,
-            locality_attention=locality_attention,
-        )
+        self.encoder = Encoder(hidden_size=hidden_size, dropout_rate=dropout_rate, **encoder)
         # Sequence pooling (Hassani et al. 2021, CCT): a linear score per output token, and the
         # softmax of the scores weighs the tokens' average; no class token is needed.
         self.attention_pool = nn.Linear(hidden_size, 1) if classifier == "seqpool" else None

@@ -3,7 +3,8 @@ the format they follow.
 
 A checkpoint is a dict of tensors and plain Python values (the resolved config included),
 so `torch.load(weights_only=True)` reads it: a file that would need arbitrary code to
-unpickle is refused, never run. What goes into it is decided by `TrainState.state_dict`
+unpickle is refused, never run; one whose bytes changed since it was written (its zip CRCs
+no longer match) is refused too. What goes into it is decided by `TrainState.state_dict`
 (`vitexp.training.state`); this module only writes, reads, checks and upgrades files.
 
 Format 2 (written since the training loop was restructured):
@@ -30,6 +31,7 @@ import pickle
 import random
 import tempfile
 import zipfile
+import zlib
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -37,7 +39,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from vitexp.errors import DataError
+from vitexp.errors import DataError, first_line
 
 FORMAT_VERSION = 2
 PROGRESS_KEYS = (
@@ -54,12 +56,6 @@ PROGRESS_KEYS = (
 LEGACY_TARGETS = {"vitexp.optim.": "vitexp.training.optim.", "vitexp.loggers.": "vitexp.training.loggers."}
 # A CUDA generator's state is 16 bytes (seed and offset); a CPU one's is the Mersenne Twister's.
 _CUDA_GENERATOR_STATE_BYTES = 16
-
-
-def first_line(error: BaseException, limit: int = 120) -> str:
-    """The first line of an exception's message, or its type when the message is empty."""
-    text = str(error).strip()
-    return text.splitlines()[0][:limit] if text else type(error).__name__
 
 
 # --------------------------------------------------------------------------- random streams
@@ -131,8 +127,31 @@ def remove_partial_writes(folder: Path) -> list[Path]:
     return removed
 
 
+def verify_archive(path: Path) -> None:
+    """Refuse a torch file whose bytes changed after it was written. `torch.save` writes a zip
+    archive with a CRC-32 of every member, but `torch.load` does not check them: a zeroed block
+    inside a tensor loads as different weights without a word. `testzip` reads every member
+    once and checks its CRC (about the cost of reading the file, which also leaves it in the
+    page cache for `torch.load`); a file in torch's legacy (non-zip) format has no checksums."""
+    if not zipfile.is_zipfile(path):
+        return  # not a zip at all: torch.load judges it (and names a truncated file)
+    try:
+        with zipfile.ZipFile(path) as archive:
+            damaged = archive.testzip()
+    except (zipfile.BadZipFile, OSError, EOFError, ValueError, zlib.error) as e:
+        raise DataError(
+            f"{path} is truncated or corrupt and cannot be read ({first_line(e)}); use another checkpoint"
+        ) from e
+    if damaged is not None:
+        raise DataError(
+            f"{path} is damaged: its member {damaged} does not match the checksum written with it (a bad "
+            f"disk or an interrupted copy); use another checkpoint"
+        )
+
+
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> Any:
-    """Read any torch-saved file (a checkpoint, a state dict) without executing code."""
+    """Read any torch-saved file (a checkpoint, a state dict) without executing code, after
+    checking that its bytes are those written (`verify_archive`)."""
     path = Path(path)
     if not path.is_file():
         raise DataError(f"checkpoint {path} does not exist; check the path")
@@ -140,6 +159,7 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
         raise DataError(
             f"{path} is empty (0 bytes: a full disk or an interrupted copy); use another checkpoint"
         )
+    verify_archive(path)
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as e:

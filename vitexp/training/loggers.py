@@ -12,30 +12,37 @@ import logging
 import netrc
 import os
 import subprocess
+import urllib.parse
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Literal, cast
+from typing import IO, Any, Literal, cast
 
 import torch
+
+from vitexp.errors import ConfigError, first_line
 
 log = logging.getLogger(__name__)
 
 
 class JsonlLogger:
-    """One JSON object per line: `{"step": …, "key": value, …}`, flushed as written."""
+    """One JSON object per line: `{"step": …, "key": value, …}`, flushed as written. The file is
+    created by the first row: a run that dies before logging anything leaves no empty
+    `metrics.jsonl` behind that would make its re-run refuse the folder."""
 
     def __init__(self, path: str | Path, keep_until_step: int | None = None) -> None:
         self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._file: IO[str] | None = None
         if keep_until_step is not None and self.path.is_file():
             # A resumed run continues from its checkpoint: rows logged after it (before the
             # interruption) are replaced by the ones the resumed run writes.
             rows = self.path.read_text(encoding="utf-8").splitlines()
             kept = [row for row in rows if row.strip() and json.loads(row).get("step", 0) <= keep_until_step]
             self.path.write_text("".join(f"{row}\n" for row in kept), encoding="utf-8")
-        self._file = self.path.open("a", encoding="utf-8")
 
     def log(self, metrics: Mapping[str, float], step: int) -> None:
+        if self._file is None:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._file = self.path.open("a", encoding="utf-8")
         self._file.write(json.dumps({"step": step, **metrics}) + "\n")
         self._file.flush()
 
@@ -46,21 +53,63 @@ class JsonlLogger:
         """Pictures stay in the run dir (attention.png); nothing to add to metrics.jsonl."""
 
     def finish(self) -> None:
-        self._file.close()
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+
+
+WANDB_MODES = ("auto", "online", "offline", "disabled")
+# What WANDB_MODE may also say (wandb's older names).
+_MODE_ALIASES = {"dryrun": "offline", "run": "online"}
 
 
 def _wandb_credentials() -> bool:
-    if os.environ.get("WANDB_API_KEY"):
+    """Whether W&B has an API key to log in with: WANDB_API_KEY (or an identity token file),
+    or a netrc entry (`wandb login` writes one) for the W&B server."""
+    if os.environ.get("WANDB_API_KEY") or os.environ.get("WANDB_IDENTITY_TOKEN_FILE"):
         return True
+    base = os.environ.get("WANDB_BASE_URL")
+    if base:
+        hosts = [urllib.parse.urlsplit(base).netloc]
+    else:
+        import wandb
+
+        hosts = ["api.wandb.ai", urllib.parse.urlsplit(wandb.Settings().base_url).netloc]
     try:
-        host = os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai").split("//")[-1].split("/")[0]
-        return netrc.netrc().authenticators(host) is not None
+        entries = netrc.netrc(os.environ.get("NETRC") or None)
     except (FileNotFoundError, netrc.NetrcParseError, OSError):
         return False
+    return any(entries.authenticators(host) is not None for host in hosts)
+
+
+def wandb_mode(mode: str) -> Literal["online", "offline", "disabled"]:
+    """The mode a W&B run starts in: `mode` (`logger.wandb.mode`), unless WANDB_MODE in the
+    environment says otherwise, as W&B users expect; `auto` is online when credentials exist,
+    else offline. A ConfigError in one line for an unknown mode, or `online` without
+    credentials (which W&B would report as a traceback once the run has started)."""
+    env = os.environ.get("WANDB_MODE")
+    said = f"WANDB_MODE={env} (in the environment)" if env else f"logger.wandb.mode={mode}"
+    chosen = _MODE_ALIASES.get(env or mode, env or mode)
+    if chosen not in WANDB_MODES:
+        raise ConfigError(f"{said} is not a W&B mode: use one of {', '.join(WANDB_MODES)}")
+    if chosen == "auto":
+        return "online" if _wandb_credentials() else "offline"
+    if chosen == "online" and not _wandb_credentials():
+        instead = "unset WANDB_MODE" if env else "set logger.wandb.mode=offline (or auto)"
+        raise ConfigError(
+            f"{said} needs W&B credentials and none are set: run `wandb login`, set WANDB_API_KEY, "
+            f"or {instead} to log offline and `wandb sync` later"
+        )
+    return cast(Literal["online", "offline", "disabled"], chosen)
 
 
 class WandbLogger:
-    """Weights & Biases run whose files stay inside the Hydra run directory."""
+    """Weights & Biases run whose files stay inside the Hydra run directory.
+
+    Starting it never stops training: `wandb.init` may take `init_timeout` seconds; when an
+    online start fails (no network, as on many compute nodes; a server that does not answer;
+    a key it refuses) the run logs offline, with one warning naming the `wandb sync` command
+    that uploads it later, and when even that fails it goes on without W&B (one warning)."""
 
     def __init__(
         self,
@@ -70,6 +119,7 @@ class WandbLogger:
         project: str = "vitexp",
         entity: str | None = None,
         mode: str = "auto",
+        init_timeout: float = 30.0,
         name: str | None = None,
         group: str | None = None,
         tags: list[str] | None = None,
@@ -79,30 +129,66 @@ class WandbLogger:
 
         self._wandb = wandb
         self._failed = False
-        # WANDB_MODE in the environment wins, as W&B users expect.
-        mode = os.environ.get("WANDB_MODE", mode)
-        if mode == "auto":
-            mode = "online" if _wandb_credentials() else "offline"
-            if mode == "offline":
-                log.info(
-                    "W&B: no credentials found, logging offline; upload later with `wandb sync %s/wandb`",
-                    run_dir,
-                )
-        if mode not in ("online", "offline", "disabled"):
-            raise ValueError(f"logger.wandb.mode={mode!r} must be one of auto, online, offline, disabled")
-        self.run = wandb.init(
-            project=project,
-            entity=entity,
-            name=name,
-            group=group,
-            tags=list(tags or []),
-            config=dict(run_config),
-            dir=str(run_dir),
-            mode=cast(Literal["online", "offline", "disabled"], mode),  # checked just above
-            id=run_id,
-            resume="allow" if run_id else None,
-            reinit="finish_previous",
+        self.run: Any = None
+        started = wandb_mode(mode)
+        if isinstance(init_timeout, bool) or not isinstance(init_timeout, int | float) or init_timeout <= 0:
+            raise ConfigError(f"logger.wandb.init_timeout={init_timeout} must be a number of seconds > 0")
+        options: dict[str, Any] = {
+            "project": project,
+            "entity": entity,
+            "name": name,
+            "group": group,
+            "tags": list(tags or []),
+            "config": dict(run_config),
+            "dir": str(run_dir),
+            "id": run_id,
+            "resume": "allow" if run_id else None,
+            "reinit": "finish_previous",
+            "settings": wandb.Settings(init_timeout=float(init_timeout)),
+        }
+        try:
+            self.run = wandb.init(mode=started, **options)
+        except Exception as e:  # whatever W&B raises, training goes on
+            if started != "online":
+                self._give_up(e)
+                return
+            self._offline_instead(e, options)
+            return
+        if started == "offline" and mode == "auto" and not os.environ.get("WANDB_MODE"):
+            log.info(
+                "W&B: no credentials found, logging offline; upload later with `wandb sync %s`",
+                self._sync_dir(),
+            )
+        self._define_metrics()
+
+    def _offline_instead(self, error: Exception, options: dict[str, Any]) -> None:
+        try:
+            self.run = self._wandb.init(mode="offline", **options)
+        except Exception as offline_error:
+            self._give_up(offline_error, first=error)
+            return
+        log.warning(
+            "W&B: the online run could not start (%s); logging offline instead: upload it later with "
+            "`wandb sync %s`",
+            first_line(error),
+            self._sync_dir(),
         )
+        self._define_metrics()
+
+    def _give_up(self, error: Exception, first: Exception | None = None) -> None:
+        self._failed, self.run = True, None
+        online = f"online: {first_line(first)}; offline: " if first is not None else ""
+        log.warning(
+            "W&B could not start (%s%s); training goes on without W&B (metrics.jsonl has every metric)",
+            online,
+            first_line(error),
+        )
+
+    def _sync_dir(self) -> Path:
+        """The offline run's folder, which `wandb sync` uploads (its files are in `files/`)."""
+        return Path(self.run.dir).parent
+
+    def _define_metrics(self) -> None:
         # Epoch-level metrics plot against the epoch; the summary keeps the best value.
         self.run.define_metric("epoch")
         self.run.define_metric("val/*", step_metric="epoch")
@@ -110,23 +196,26 @@ class WandbLogger:
         self.run.define_metric("val/loss", step_metric="epoch", summary="min")
 
     @property
-    def run_id(self) -> str:
-        return self.run.id
+    def run_id(self) -> str | None:
+        return self.run.id if self.run is not None else None
 
-    def _guard(self, action: str, fn: Any, *args: Any, **kwargs: Any) -> None:
-        if self._failed:
+    def _guard(self, action: str, fn: Any) -> None:
+        """Call `fn()` (which uses `self.run`) unless W&B is off; its failure turns W&B off."""
+        if self._failed or self.run is None:
             return
         try:
-            fn(*args, **kwargs)
+            fn()
         except Exception as e:  # a logging backend must never stop training
             self._failed = True
-            log.warning("W&B %s failed (%s); W&B logging is off for the rest of this run", action, e)
+            log.warning(
+                "W&B %s failed (%s); W&B logging is off for the rest of this run", action, first_line(e)
+            )
 
     def log(self, metrics: Mapping[str, float], step: int) -> None:
-        self._guard("log", self.run.log, dict(metrics), step=step)
+        self._guard("log", lambda: self.run.log(dict(metrics), step=step))
 
     def summary(self, values: Mapping[str, Any]) -> None:
-        self._guard("summary", self.run.summary.update, dict(values))
+        self._guard("summary", lambda: self.run.summary.update(dict(values)))
 
     def images(self, name: str, images: list[tuple[Any, str]], step: int) -> None:
         """`images`: (uint8 (C, H, W) tensor or image file, caption) pairs."""
@@ -141,7 +230,7 @@ class WandbLogger:
         self._guard("images", lambda: self.run.log({name: [to_wandb(i, c) for i, c in images]}, step=step))
 
     def finish(self) -> None:
-        self._guard("finish", self.run.finish)
+        self._guard("finish", lambda: self.run.finish())
 
 
 class Loggers:

@@ -1,7 +1,7 @@
 """The training loop, read top to bottom like nanoGPT's and torchtitan's `train()`:
 
-train(cfg, ctx)  check the settings, lock the run dir, build once (`setup.build`), restore a
-                 checkpoint into the `TrainState`, fit, then figures and summary.json
+train(cfg, ctx)  check the settings; settle the run directory (`Checkpoints`); build once
+                 (`setup.build`); restore the `TrainState`; fit; figures and summary.json
 Loop.fit         while step < total: a new epoch draws its order; every step sets the
                  learning rate, runs `train_step`, and hands logging, checkpointing and
                  stopping to named decisions; every epoch ends with evaluation and last.pt
@@ -12,6 +12,7 @@ train_step       one optimizer step: micro-batches (no DDP sync until the last),
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import time
 from collections.abc import Iterator
@@ -20,23 +21,23 @@ from pathlib import Path
 from typing import NamedTuple
 
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 from torch import Tensor, nn
 from tqdm import tqdm
 
-from vitexp.config import validate
+from vitexp.config import TrainerConfig, trainer_settings, validate
 from vitexp.errors import ConfigError, TrainingDiverged
-from vitexp.training import distributed, resume, rundir
-from vitexp.training.checkpoint import read_training_checkpoint, require_resumable, save_checkpoint
+from vitexp.training import distributed
+from vitexp.training.checkpoint import save_checkpoint
+from vitexp.training.checkpointing import Checkpoints, CheckpointWriter
 from vitexp.training.context import RunContext
-from vitexp.training.distributed import World
 from vitexp.training.loggers import Loggers
 from vitexp.training.metrics import LossWindow, evaluate
 from vitexp.training.optim import set_lr
 from vitexp.training.preemption import Preempted, PreemptionGuard
-from vitexp.training.records import log_sample_predictions, open_loggers, write_summary
-from vitexp.training.setup import LossFn, Run, Step, build, max_epochs, plain
-from vitexp.training.state import Checkpointer, CheckpointWriter, TrainState, gather_rank_streams
+from vitexp.training.records import Fitted, open_records, write_records
+from vitexp.training.setup import LossFn, Run, Step, build, max_epochs
+from vitexp.training.state import TrainState
 
 log = logging.getLogger(__name__)
 
@@ -134,7 +135,7 @@ class Loop:
     ctx: RunContext
     state: TrainState
     loggers: Loggers
-    checkpointer: Checkpointer
+    checkpoints: Checkpoints
     budget: TimeBudget | None = None
     window: LossWindow = field(init=False)
     guard: PreemptionGuard = field(default_factory=PreemptionGuard)
@@ -155,7 +156,7 @@ class Loop:
         return final or self.evaluate()  # a resumed finished run is only evaluated again
 
     def run_epoch(self) -> None:
-        run, p, t = self.run, self.state.progress, self.run.cfg.trainer
+        run, p, t = self.run, self.state.progress, self.run.trainer
         assert p.order is not None
         steps = self.steps_this_epoch()
         batches = run.train_loader.iter_from(p.order, p.step_in_epoch * run.step.grad_accum_steps)
@@ -175,7 +176,7 @@ class Loop:
             bar.update()
             at_log = p.global_step % t.log_every_steps == 0
             preempted = self.preemption_requested(at_log)
-            at_checkpoint = preempted or self.checkpoint_due(p.step_in_epoch < steps)
+            at_checkpoint = preempted or (self.checkpoints.due(p.global_step) and p.step_in_epoch < steps)
             if at_log or at_checkpoint:
                 self.log_window(bar)
                 self.refit_budget()
@@ -186,7 +187,7 @@ class Loop:
                 # Mid-epoch: the epoch's order and the step within it let a resumed run replay
                 # exactly the batches this one had left.
                 p.train_seconds = seconds_before + time.time() - epoch_start
-                self.save("last.pt")
+                self.checkpoints.save(self.state)  # collective
                 if preempted:
                     self.stop_preempted()
         bar.close()
@@ -201,7 +202,7 @@ class Loop:
 
     def end_epoch(self) -> dict[str, float]:
         """Evaluate, keep the best, write last.pt (and best.pt, epoch<N>.pt)."""
-        run, p, t = self.run, self.state.progress, self.run.cfg.trainer
+        run, p = self.run, self.state.progress
         metrics = self.evaluate()
         raw = {}
         if run.step.ema is not None:  # the raw weights too, to see what the averaging gives
@@ -219,28 +220,19 @@ class Loop:
             "new best" if improved else f"best {p.best_value:.4f} (epoch {p.best_epoch})",
         )  # fmt: skip
         p.order = None  # the epoch is complete
-        state = self.state.state_dict(gather_rank_streams(self.state))  # collective
-        self.checkpointer.save(state, "last.pt")
-        if improved:
-            self.checkpointer.save(state, "best.pt")
-        if t.save_every_epoch:
-            self.checkpointer.save(state, f"epoch{p.epoch}.pt")
+        self.checkpoints.save(self.state, epoch_end=True, best=improved)  # collective
         return metrics
 
     def evaluate(self) -> dict[str, float]:
         run = self.run
         scores = evaluate(run.eval_model, run.eval_loader, run.step.autocast, run.world)
         metrics = {f"val/{k}": v for k, v in scores.items()}
-        if run.cfg.trainer.eval_hflip:  # reported beside the plain figures, which still pick best.pt
+        if run.trainer.eval_hflip:  # reported beside the plain figures, which still pick best.pt
             flipped = evaluate(run.eval_model, run.eval_loader, run.step.autocast, run.world, hflip=True)
             metrics.update({f"val_hflip/{k}": v for k, v in flipped.items()})
         return metrics
 
     # ------------------------------------------------------------------- decisions
-
-    def checkpoint_due(self, mid_epoch: bool) -> bool:
-        every = self.run.cfg.trainer.checkpoint_every_steps
-        return bool(every) and self.state.progress.global_step % every == 0 and mid_epoch
 
     def preemption_requested(self, at_log: bool) -> bool:
         if not self.run.world.distributed:
@@ -266,7 +258,7 @@ class Loop:
         mean_loss, steps, seconds = self.window.flush()
         if steps:
             lr = run.step.optimizer.param_groups[0]["lr"]  # the rate the last step used
-            images_per_sec = steps * run.cfg.trainer.batch_size / seconds
+            images_per_sec = steps * run.trainer.batch_size / seconds
             loss = {} if mean_loss is None else {"train/loss": mean_loss}  # None: every step was skipped
             metrics = {**loss, "train/lr": lr, "train/images_per_sec": images_per_sec, "epoch": p.epoch}
             self.loggers.log(metrics, step=p.global_step)
@@ -277,13 +269,10 @@ class Loop:
         if bad is not None:
             raise TrainingDiverged(
                 f"the training loss or gradient became non-finite at step {bad}; stopped without saving. "
-                f"Last good checkpoint: {self.checkpointer.last_good or 'none yet'}. Lower optimizer.lr, "
+                f"Last good checkpoint: {self.checkpoints.last_good or 'none yet'}. Lower optimizer.lr, "
                 f"keep trainer.grad_clip on, use trainer.precision=fp32, or set trainer.on_nonfinite=skip",
                 step=bad,
             )
-
-    def save(self, name: str) -> None:
-        self.checkpointer.save(self.state.state_dict(gather_rank_streams(self.state)), name)  # collective
 
     def stop_preempted(self) -> None:
         distributed.barrier(self.run.world)  # no rank leaves before rank 0 has saved
@@ -309,29 +298,9 @@ def quiet_rank() -> None:
             handler.close()
 
 
-@contextlib.contextmanager
-def exclusive_run_dir(
-    run_dir: Path, world: World, *, resume_from: Path | None, auto: bool, overwrite: bool
-) -> Iterator[None]:
-    """Rank 0 locks the run dir and checks it may write there; every rank learns the verdict
-    (collective), so a refusal stops all of them."""
-    with contextlib.ExitStack() as stack:
-        problem = None
-        if world.is_main:
-            try:
-                stack.enter_context(rundir.RunDirLock(run_dir))
-                rundir.prepare(run_dir, resume_from=resume_from, auto=auto, overwrite=overwrite)
-            except ConfigError as e:
-                problem = str(e)
-        problem = distributed.agree(problem, world)
-        if problem is not None:
-            raise ConfigError(problem)
-        yield
-
-
 def log_start(run: Run, ctx: RunContext, total_steps: int) -> None:
     n_params = sum(p.numel() for p in run.model.parameters())
-    t = run.cfg.trainer
+    t = run.trainer
     where = f"{run.world.size} processes × {run.device.type}" if run.world.distributed else str(run.device)
     log.info(
         "%.2fM params | %d train / %d %s images | %d epochs × %d steps × %d images | %s, %s | %s",
@@ -340,94 +309,75 @@ def log_start(run: Run, ctx: RunContext, total_steps: int) -> None:
     )  # fmt: skip
 
 
+def begin(
+    cfg: DictConfig, ctx: RunContext | None, run_dir: str | Path | None
+) -> tuple[TrainerConfig, RunContext]:
+    """Check the settings and type the trainer's once; join the process group (data-parallel
+    when launched as a group: torchrun, or a SLURM job of several tasks); agree on rank 0's run
+    directory. A call from Python with no logging set up logs to the console."""
+    if not logging.getLogger().handlers:
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    for warning in validate(cfg):
+        log.warning("%s", warning)
+    settings = trainer_settings(cfg)
+    if ctx is not None and run_dir is not None:
+        raise TypeError("train(): give a RunContext or run_dir=, not both")
+    ctx = ctx or RunContext(run_dir=_run_dir_of(cfg, run_dir), world=distributed.launch_world())
+    distributed.init(ctx.world)
+    if not ctx.world.is_main:
+        quiet_rank()
+    shared = Path(distributed.agree(str(ctx.run_dir), ctx.world))  # rank 0's, should the ranks differ
+    return settings, dataclasses.replace(ctx, run_dir=shared)
+
+
+def _run_dir_of(cfg: DictConfig, run_dir: str | Path | None) -> Path:
+    if run_dir is not None:
+        return Path(run_dir)
+    if "run_dir" in cfg:  # a config composed with a run_dir key of its own (the tests' helper)
+        return Path(cfg.run_dir)
+    raise ConfigError("no run directory: pass train(cfg, run_dir=...), or a RunContext")
+
+
+def fit(run: Run, ctx: RunContext, state: TrainState, loggers: Loggers, checkpoints: Checkpoints) -> Fitted:
+    """Train from where `state` is to the last step (or the time budget)."""
+    budget = None
+    if run.trainer.max_time is not None:
+        # The budget covers training and per-epoch evaluation; a resumed run gets what is left.
+        p = state.progress
+        budget = TimeBudget(run.trainer.max_time - p.train_seconds, p.global_step, run.total_steps)
+        log.info(
+            "time budget: %.0f s (trainer.max_time); the schedule adapts to the pace", run.trainer.max_time
+        )
+    log_start(run, ctx, run.total_steps)
+    final = Loop(run, ctx, state, loggers, checkpoints, budget).fit()
+    # The budget ends the run by fitting its length to the time left: it ends on time, before
+    # the steps max_epochs/max_steps would give.
+    on_time = budget is not None and (budget.spent or state.progress.global_step < run.total_steps)
+    return Fitted(final, "max_time" if on_time else "max_epochs/max_steps")
+
+
 def train(
     cfg: DictConfig,
     ctx: RunContext | None = None,
     *,
+    run_dir: str | Path | None = None,
     loss_fn: LossFn | None = None,
     write_checkpoint: CheckpointWriter = save_checkpoint,
 ) -> float:
     """Train the configured model; return the best value of `trainer.monitor` (for sweepers).
 
-    `ctx` says where the run writes (default: `cfg.run_dir`, for calls outside the CLI);
-    `loss_fn` and `write_checkpoint` replace the loss and the checkpoint writer (tests use them
-    to inject faults)."""
+    `ctx` says where the run writes and how it is named (the command line builds it); from
+    Python, `run_dir=` is enough. `loss_fn` and `write_checkpoint` replace the loss and the
+    checkpoint writer (tests use them to inject faults)."""
     started = time.time()
-    for warning in validate(cfg):
-        log.warning("%s", warning)
-    t = cfg.trainer
-    # Data-parallel when launched as a group (torchrun, or a SLURM job of several tasks): each
-    # rank trains on its shard of every global batch; rank 0 alone writes anything.
-    ctx = ctx or RunContext(run_dir=_run_dir_of(cfg), world=distributed.launch_world())
-    world = ctx.world
-    distributed.init(world)
-    if not world.is_main:
-        quiet_rank()
-    run_dir = Path(distributed.agree(str(ctx.run_dir), world))  # rank 0's, should the ranks differ
-    ctx = RunContext(run_dir, ctx.name, ctx.group, world, ctx.resume_command)
-    resume_from, auto = resume.resolve(t.get("resume"), run_dir)
-    if world.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-    distributed.barrier(world)
-    with exclusive_run_dir(
-        run_dir, world, resume_from=resume_from, auto=auto, overwrite=bool(t.get("overwrite"))
-    ):
-        ckpt = read_training_checkpoint(resume_from) if resume_from else None
-        if ckpt is not None:
-            require_resumable(ckpt, str(resume_from))
-            assert resume_from is not None
-            resume.check_same_run(
-                ckpt["config"], plain(cfg), source=resume_from, allow=bool(t.get("resume_allow_changes"))
-            )
-        run = build(cfg, world, resuming=ckpt is not None, loss_fn=loss_fn)
+    settings, ctx = begin(cfg, ctx, run_dir)
+    with Checkpoints(cfg, settings, ctx, write=write_checkpoint) as checkpoints:  # settle the run directory
+        run = build(cfg, ctx.world, settings=settings, resuming=checkpoints.resuming, loss_fn=loss_fn)
         with contextlib.closing(run):
-            return _train_run(run, ctx, ckpt, resume_from, started=started, write_checkpoint=write_checkpoint)
-
-
-def _train_run(
-    run: Run,
-    ctx: RunContext,
-    ckpt: dict | None,
-    resume_from: Path | None,
-    *,
-    started: float,
-    write_checkpoint: CheckpointWriter,
-) -> float:
-    """Restore, fit, and leave the records: what `train` does once the run is built."""
-    t = run.cfg.trainer
-    state = TrainState(run)
-    if ckpt is not None:
-        assert resume_from is not None
-        state.load_state_dict(ckpt, resume_from)
-        p = state.progress
-        log.info(
-            "resuming from %s: epoch %d, step %d", resume_from, p.epoch + (p.order is None), p.global_step
-        )
-        ckpt.clear()  # its tensors are in the model and optimizer now: do not hold a second copy
-    if run.world.is_main:
-        (ctx.run_dir / "config.yaml").write_text(OmegaConf.to_yaml(run.cfg, resolve=True))
-    budget = None
-    if t.max_time:
-        # The budget covers training and per-epoch evaluation; a resumed run gets what is left.
-        p = state.progress
-        budget = TimeBudget(float(t.max_time) - p.train_seconds, p.global_step, run.total_steps)
-        log.info("time budget: %.0f s (trainer.max_time); the schedule adapts to the pace", float(t.max_time))
-    with open_loggers(run, ctx, state, resumed=resume_from is not None) as loggers:
-        log_start(run, ctx, run.total_steps)
-        checkpointer = Checkpointer(
-            ctx.run_dir, t.keep_last_k, writes=run.world.is_main, write=write_checkpoint
-        )
-        final = Loop(run, ctx, state, loggers, checkpointer, budget).fit()
-        if t.sample_figures and run.world.is_main:
-            log_sample_predictions(run, ctx.run_dir, loggers, state.progress.global_step)
-        stopped_by = "max_time" if budget is not None and budget.spent else "max_epochs/max_steps"
-        write_summary(
-            run, ctx, state, loggers, final, started=started, stopped_by=stopped_by, resumed_from=resume_from
-        )
-    return float(state.progress.best_value)
-
-
-def _run_dir_of(cfg: DictConfig) -> Path:
-    if cfg.get("run_dir"):
-        return Path(cfg.run_dir)
-    raise ConfigError("no run directory: run through `python -m vitexp`, or pass a RunContext to train()")
+            state = checkpoints.restore(run)
+            with open_records(run, ctx, state) as loggers:
+                fitted = fit(run, ctx, state, loggers, checkpoints)
+                write_records(
+                    run, ctx, state, loggers, fitted, started=started, resumed_from=checkpoints.source
+                )
+    return state.progress.best_value

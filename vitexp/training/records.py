@@ -1,32 +1,44 @@
-"""What a run leaves behind besides checkpoints: the loggers it feeds (metrics.jsonl, W&B),
-the figures drawn at its end, and `summary.json`."""
+"""What a run leaves behind besides checkpoints: its resolved config.yaml, the loggers it feeds
+(metrics.jsonl, W&B), the figures drawn at its end, and `summary.json`."""
 
 from __future__ import annotations
 
 import logging
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
+from omegaconf import OmegaConf
 
+from vitexp.config import instantiate_group
 from vitexp.training.context import RunContext
 from vitexp.training.loggers import JsonlLogger, Loggers, git_state, write_json
-from vitexp.training.setup import Run, instantiate_group
+from vitexp.training.setup import Run
 from vitexp.training.state import TrainState
 from vitexp.viz import has_attention_maps, sample_images, save_attention_grid
 
 log = logging.getLogger(__name__)
 
 
-def open_loggers(run: Run, ctx: RunContext, state: TrainState, *, resumed: bool) -> Loggers:
-    """metrics.jsonl always, plus every logger configured under `logger` (rank 0 only; the
-    other ranks get none). A resumed run drops the rows its checkpoint had not reached and
-    continues the same external runs."""
+class Fitted(NamedTuple):
+    """How training ended: the final evaluation's metrics, and what stopped it."""
+
+    final: dict[str, float]
+    stopped_by: str  # "max_time" or "max_epochs/max_steps"
+
+
+def open_records(run: Run, ctx: RunContext, state: TrainState) -> Loggers:
+    """config.yaml (the config, resolved), and the loggers: metrics.jsonl always, plus every
+    logger configured under `logger` (rank 0 only; the other ranks get none). metrics.jsonl
+    keeps the rows up to the state's step (a resumed run drops those its checkpoint had not
+    reached), and the loggers continue the external runs whose ids the state holds."""
     if not run.world.is_main:
         return Loggers([])
-    resume_step = state.progress.global_step if resumed else None
-    loggers = Loggers([JsonlLogger(ctx.run_dir / "metrics.jsonl", keep_until_step=resume_step)])
+    (ctx.run_dir / "config.yaml").write_text(OmegaConf.to_yaml(run.cfg, resolve=True))
+    loggers = Loggers(
+        [JsonlLogger(ctx.run_dir / "metrics.jsonl", keep_until_step=state.progress.global_step)]
+    )
     for key, logger_cfg in (run.cfg.get("logger") or {}).items():
         extra: dict[str, Any] = {
             "run_dir": str(ctx.run_dir),
@@ -69,19 +81,21 @@ def log_sample_predictions(run: Run, run_dir: Path, loggers: Loggers, step: int)
         log.warning("could not draw the sample predictions (%s: %s)", type(e).__name__, e, exc_info=True)
 
 
-def write_summary(
+def write_records(
     run: Run,
     ctx: RunContext,
     state: TrainState,
     loggers: Loggers,
-    final: dict[str, float],
+    fitted: Fitted,
     *,
     started: float,
-    stopped_by: str,
     resumed_from: Path | None,
 ) -> dict[str, Any]:
-    """summary.json (rank 0), the loggers' summary, and the run's last log line."""
-    p, t = state.progress, run.cfg.trainer
+    """What a finished run leaves: the sample figures (`trainer.sample_figures`), summary.json
+    (rank 0), the loggers' summary, and the run's last log line. Returns the summary."""
+    if run.trainer.sample_figures and run.world.is_main:
+        log_sample_predictions(run, ctx.run_dir, loggers, state.progress.global_step)
+    p, t, final = state.progress, run.trainer, fitted.final
     images_per_sec = p.global_step * t.batch_size / max(p.train_seconds, 1e-9)
     n_params = sum(param.numel() for param in run.model.parameters())
     summary = {
@@ -90,7 +104,7 @@ def write_summary(
         "final": final,
         "eval_split": run.eval_name,
         "epochs": p.epoch,
-        "stopped_by": stopped_by,
+        "stopped_by": fitted.stopped_by,
         "steps": p.global_step,
         "train_seconds": round(p.train_seconds, 2),
         "wall_seconds": round(time.time() - started, 2),
@@ -99,7 +113,7 @@ def write_summary(
         "device": str(run.device),
         "world_size": run.world.size,
         "precision": t.precision,
-        "ema_decay": t.get("ema_decay"),
+        "ema_decay": t.ema_decay,
         "run_dir": str(ctx.run_dir),
         "resumed_from": str(resumed_from) if resumed_from else None,
         **git_state(),

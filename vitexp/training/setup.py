@@ -9,38 +9,43 @@ which objects the run uses.
 from __future__ import annotations
 
 import contextlib
-import difflib
 import functools
 import logging
 import math
-import os
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from hydra.errors import InstantiationException
-from hydra.utils import get_object, instantiate
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 
+from vitexp.config import (
+    TrainerConfig,
+    check_batch_split,
+    check_target_arguments,
+    instantiate_group,
+    plain,
+    trainer_settings,
+)
 from vitexp.data import BatchTransform, FileSplit, ImageData, Split, carve_validation, make_loader
 from vitexp.data.augment import RandAugment, TrivialAugment, mixup_cutmix
 from vitexp.data.loaders import DeviceLoader, FolderLoader
-from vitexp.errors import ConfigError, DataError, VitexpError
+from vitexp.errors import ConfigError, VitexpError, with_context
 from vitexp.models import build_model
-from vitexp.registry import HYDRA_KEYS, unknown_argument
 from vitexp.runtime import (
     autocast_context,
     configure_backends,
+    machine_cpu_share,
     pick_device,
     rank_seed,
     seed_everything,
+    set_threads,
     unwrap,
 )
 from vitexp.training import distributed
-from vitexp.training.checkpoint import first_line
 from vitexp.training.distributed import World
 from vitexp.training.ema import Ema
 from vitexp.training.optim import Schedule, make_schedule, param_groups
@@ -48,48 +53,6 @@ from vitexp.training.optim import Schedule, make_schedule, param_groups
 log = logging.getLogger(__name__)
 
 LossFn = Callable[[Tensor, Tensor], Tensor]
-
-
-# --------------------------------------------------------------------------- building from configs
-
-
-def _check_arguments(what: str, node: Mapping[str, Any]) -> None:
-    """An argument the target does not take is the user's typo, not a TypeError to trace."""
-    target = node.get("_target_")
-    if not isinstance(target, str):
-        return
-    try:
-        fn = get_object(target)
-    except (ImportError, AttributeError, ValueError) as e:
-        raise ConfigError(f"{what}._target_={target} cannot be imported ({first_line(e)})") from e
-    problem = unknown_argument(fn, [k for k in node if k not in HYDRA_KEYS])
-    if problem is not None:
-        key, names = problem
-        close = difflib.get_close_matches(key, names, n=1)
-        hint = f"; did you mean {what}.{close[0]}?" if close else f" (it takes {', '.join(names)})"
-        raise ConfigError(f"{what}.{key} is not an argument of {target.rsplit('.', 1)[-1]}{hint}")
-
-
-def instantiate_group(key: str, node: Any, *args: Any, label: str | None = None, **kwargs: Any) -> Any:
-    """Hydra's `instantiate` for the config at `key`: a vitexp error raised while building is
-    reported as one line starting with `label` (default: `key`); any other exception is a bug
-    and keeps its traceback."""
-    if isinstance(node, DictConfig | Mapping):
-        _check_arguments(key, node)
-    try:
-        return instantiate(node, *args, **kwargs)
-    except InstantiationException as e:
-        cause = e.__cause__
-        if isinstance(cause, ConfigError | DataError):
-            raise type(cause)(f"{label or key}: {cause}") from cause
-        raise
-
-
-def plain(node: Any) -> dict[str, Any]:
-    """A config node as a plain dict with string keys, interpolations resolved."""
-    container = OmegaConf.to_container(node, resolve=True)
-    assert isinstance(container, dict)
-    return {str(k): v for k, v in container.items()}
 
 
 def build_transform(cfg: DictConfig, img_size: tuple[int, int]) -> BatchTransform:
@@ -141,6 +104,7 @@ class Run:
 
     cfg: DictConfig
     config: dict[str, Any]  # the resolved config, as checkpoints and loggers store it
+    trainer: TrainerConfig  # the `trainer` section, typed: what the loop reads
     world: World
     device: torch.device
     data: ImageData
@@ -171,7 +135,9 @@ class Run:
         self.eval_loader.close()
 
 
-def _load_data(cfg: DictConfig) -> tuple[ImageData, Split | FileSplit, Split | FileSplit, str]:
+def _load_data(
+    cfg: DictConfig, t: TrainerConfig
+) -> tuple[ImageData, Split | FileSplit, Split | FileSplit, str]:
     data: ImageData = instantiate_group("dataset.load", cfg.dataset.load, label="dataset")
     if cfg.model.get("num_classes") != data.num_classes:
         raise ConfigError(
@@ -184,9 +150,9 @@ def _load_data(cfg: DictConfig) -> tuple[ImageData, Split | FileSplit, Split | F
             data.train, float(cfg.dataset.val_split), seed=int(cfg.seed)
         )
         eval_name = "val"
-    if cfg.trainer.batch_size > len(train_split):
+    if t.batch_size > len(train_split):
         raise ConfigError(
-            f"trainer.batch_size={cfg.trainer.batch_size} is larger than the training set "
+            f"trainer.batch_size={t.batch_size} is larger than the training set "
             f"({len(train_split)} images); lower trainer.batch_size"
         )
     return data, train_split, eval_split, eval_name
@@ -206,31 +172,30 @@ def _build_model(cfg: DictConfig, device: torch.device, *, resuming: bool) -> nn
     try:
         return build_model(cfg.model, load_pretrained=not resuming).to(device)
     except InstantiationException as e:
-        if isinstance(e.__cause__, ConfigError | DataError):
-            raise type(e.__cause__)(f"model: {e.__cause__}") from e.__cause__
+        if isinstance(e.__cause__, VitexpError):
+            raise with_context(e.__cause__, "model") from e.__cause__
         raise
     except VitexpError as e:
-        raise type(e)(f"model: {e}") from e
+        raise with_context(e, "model") from e
 
 
 def default_workers() -> int:
     """Image-decoding workers per process: this process's share of the node's cores (the ones
     it may use: a SLURM job's cgroup, taskset), at most 8 (beyond that the device waits for no
     one, and each worker holds its own copy of the file list)."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    per_node = int(os.environ.get("LOCAL_WORLD_SIZE") or 1)
-    return max(1, min(8, cores // per_node))
+    return max(1, min(8, machine_cpu_share()[0]))
 
 
 def _loaders(
     cfg: DictConfig,
+    t: TrainerConfig,
     world: World,
     device: torch.device,
     transform: BatchTransform,
     splits: tuple[Split | FileSplit, Split | FileSplit],
 ) -> tuple[DeviceLoader | FolderLoader, DeviceLoader | FolderLoader, torch.Generator, torch.Generator]:
     """The train and eval loaders, and the generators the training batches draw from."""
-    t, seed = cfg.trainer, int(cfg.seed)
+    seed = int(cfg.seed)
     # Shuffling and augmentation draw from these generators only, so the seed (or a
     # checkpoint's copy of their states) decides every batch. The epoch order is drawn on the
     # CPU: CUDA's random kernels size their grid by the GPU's multiprocessor count, so a draw on
@@ -261,13 +226,13 @@ def _loaders(
     return train_loader, eval_loader, data_generator, augment_generator
 
 
-def _schedule(cfg: DictConfig, steps_per_epoch: int, total_steps: int) -> Schedule:
+def _schedule(cfg: DictConfig, t: TrainerConfig, steps_per_epoch: int, total_steps: int) -> Schedule:
     scheduler_cfg = plain(cfg.scheduler)
-    _check_arguments("scheduler", {k: v for k, v in scheduler_cfg.items() if k != "warmup_epochs"})
+    check_target_arguments("scheduler", {k: v for k, v in scheduler_cfg.items() if k != "warmup_epochs"})
     schedule = make_schedule(scheduler_cfg, steps_per_epoch=steps_per_epoch)
     # Warmup in epochs against a run in steps: only now are both in one unit (`validate`
     # warns about the cases it can judge from the config alone).
-    mixed_units = cfg.trainer.max_steps is not None and scheduler_cfg.get("warmup_steps") is None
+    mixed_units = t.max_steps is not None and scheduler_cfg.get("warmup_steps") is None
     if mixed_units and schedule.warmup_steps >= total_steps:
         log.warning(
             "the warmup (%d steps) is longer than the run (%d steps): the learning rate never reaches "
@@ -278,6 +243,7 @@ def _schedule(cfg: DictConfig, steps_per_epoch: int, total_steps: int) -> Schedu
 
 def _step(
     cfg: DictConfig,
+    t: TrainerConfig,
     world: World,
     model: nn.Module,
     autocast: contextlib.AbstractContextManager,
@@ -288,13 +254,13 @@ def _step(
     loss_fn: LossFn | None,
 ) -> Step:
     """The optimizer, the wrappers, the loss and the EMA: what one training step uses."""
-    t, device = cfg.trainer, next(model.parameters()).device
+    device = next(model.parameters()).device
     # No weight decay on norms, biases and embeddings; the rate is set from the schedule
     # before every step.
     make_optimizer = instantiate_group("optimizer", cfg.optimizer)  # a partial: `_partial_: true`
     optimizer = make_optimizer(param_groups(model, float(cfg.optimizer.get("weight_decay") or 0)))
     # EMA of the weights: it is the model that is evaluated, picks best.pt and is used for inference.
-    ema = Ema(model, float(t.ema_decay)) if t.get("ema_decay") else None
+    ema = Ema(model, t.ema_decay) if t.ema_decay else None
     if world.distributed and not resuming:
         # Same initial weights on every rank (the common seed), different dropout masks.
         torch.manual_seed(rank_seed(int(cfg.seed), world.rank, 2))
@@ -306,18 +272,18 @@ def _step(
     mix = None
     if t.mixup_alpha or t.cutmix_alpha:
         mix = functools.partial(
-            mixup_cutmix, num_classes=num_classes, mixup_alpha=float(t.mixup_alpha),
-            cutmix_alpha=float(t.cutmix_alpha), generator=augment_generator,
+            mixup_cutmix, num_classes=num_classes, mixup_alpha=t.mixup_alpha,
+            cutmix_alpha=t.cutmix_alpha, generator=augment_generator,
         )  # fmt: skip
     return Step(
         forward=forward,
         model=model,
         optimizer=optimizer,
-        loss_fn=loss_fn or nn.CrossEntropyLoss(label_smoothing=float(t.label_smoothing)),
+        loss_fn=loss_fn or nn.CrossEntropyLoss(label_smoothing=t.label_smoothing),
         autocast=autocast,
         scaler=torch.amp.GradScaler(device.type, enabled=t.precision == "fp16"),
-        grad_accum_steps=int(t.grad_accum_steps),
-        grad_clip=float(t.grad_clip) if t.grad_clip else None,
+        grad_accum_steps=t.grad_accum_steps,
+        grad_clip=t.grad_clip or None,
         ema=ema,
         mix=mix,
         skip_nonfinite=t.on_nonfinite == "skip",
@@ -325,38 +291,42 @@ def _step(
     )
 
 
-def build(cfg: DictConfig, world: World, *, resuming: bool = False, loss_fn: LossFn | None = None) -> Run:
-    """Build the run `cfg` describes for this process of `world`. `resuming`: a checkpoint
-    will replace the initial weights (pretrained ones are then not read); `loss_fn` replaces
-    the configured cross-entropy (tests use it to inject faults without patching torch)."""
-    t = cfg.trainer
-    if t.batch_size % (world.size * t.grad_accum_steps):
-        raise ConfigError(
-            f"trainer.batch_size={t.batch_size} does not split evenly over {world.size} processes × "
-            f"{t.grad_accum_steps} accumulation steps; use a multiple of {world.size * t.grad_accum_steps}"
-        )
+def build(
+    cfg: DictConfig,
+    world: World,
+    *,
+    settings: TrainerConfig | None = None,
+    resuming: bool = False,
+    loss_fn: LossFn | None = None,
+) -> Run:
+    """Build the run `cfg` describes for this process of `world`. `settings`: its `trainer`
+    section as `trainer_settings(cfg)` types it (converted here when not given); `resuming`: a
+    checkpoint will replace the initial weights (pretrained ones are then not read); `loss_fn`
+    replaces the configured cross-entropy (tests use it to inject faults without patching torch)."""
+    t = settings or trainer_settings(cfg)
+    check_batch_split(t.batch_size, t.grad_accum_steps, world.size)
+    set_threads(t.num_threads)
     # The seed decides the initial weights: seeded before the model draws them.
     seed_everything(int(cfg.seed))
-    device = distributed.device_for(world, str(pick_device(str(t.device), "trainer.device")))
-    autocast = autocast_context(device, str(t.precision), "trainer.precision")
-    configure_backends(device, deterministic=bool(t.get("deterministic")))
-    data, train_split, eval_split, eval_name = _load_data(cfg)
+    device = distributed.device_for(world, str(pick_device(t.device, "trainer.device")))
+    autocast = autocast_context(device, t.precision, "trainer.precision")
+    configure_backends(device, deterministic=t.deterministic)
+    data, train_split, eval_split, eval_name = _load_data(cfg, t)
     model = _build_model(cfg, device, resuming=resuming)
     transform = build_transform(cfg, _img_size(model))
     train_loader, eval_loader, data_generator, augment_generator = _loaders(
-        cfg, world, device, transform, (train_split, eval_split)
+        cfg, t, world, device, transform, (train_split, eval_split)
     )
     step = _step(
-        cfg, world, model, autocast, num_classes=data.num_classes, augment_generator=augment_generator,
+        cfg, t, world, model, autocast, num_classes=data.num_classes, augment_generator=augment_generator,
         resuming=resuming, loss_fn=loss_fn,
     )  # fmt: skip
     steps_per_epoch = len(train_loader) // step.grad_accum_steps
-    total_steps = int(t.max_steps) if t.max_steps is not None else int(t.max_epochs) * steps_per_epoch
-    config = plain(cfg)
-    monitor = str(t.monitor)
+    total_steps = t.max_steps if t.max_steps is not None else t.max_epochs * steps_per_epoch
     return Run(
         cfg=cfg,
-        config=config,
+        config=plain(cfg),
+        trainer=t,
         world=world,
         device=device,
         data=data,
@@ -370,12 +340,12 @@ def build(cfg: DictConfig, world: World, *, resuming: bool = False, loss_fn: Los
         augment_generator=augment_generator,
         step=step,
         eval_model=step.ema.module if step.ema is not None else model,
-        schedule=_schedule(cfg, steps_per_epoch, total_steps),
+        schedule=_schedule(cfg, t, steps_per_epoch, total_steps),
         base_lrs=tuple(float(g["lr"]) for g in step.optimizer.param_groups),
         steps_per_epoch=steps_per_epoch,
         total_steps=total_steps,
-        monitor=monitor,
-        maximize=not monitor.endswith("loss"),
+        monitor=t.monitor,
+        maximize=not t.monitor.endswith("loss"),
     )
 
 

@@ -1,6 +1,7 @@
 """What a checkpoint holds, owned by one object that saves and restores it symmetrically
-(torchtitan's `Stateful` pattern): `TrainState.state_dict()` / `load_state_dict()`. The
-`Checkpointer` writes those dicts to files.
+(torchtitan's `Stateful` pattern): `TrainState.state_dict()` / `load_state_dict()`, each part
+through its own. `vitexp.training.checkpointing.Checkpoints` writes those dicts to files and
+reads them back.
 
 Collectives stay at the call site: `state_dict` takes every rank's augmentation stream as an
 argument (`rank_rngs`), which the caller gathers over the process group first.
@@ -10,7 +11,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -18,11 +19,10 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from vitexp.errors import ConfigError
+from vitexp.errors import ConfigError, first_line
 from vitexp.models.weights import check_state_dict_fits
 from vitexp.runtime import rank_seed
-from vitexp.training import distributed
-from vitexp.training.checkpoint import capture_rng, first_line, restore_rng, save_checkpoint
+from vitexp.training.checkpoint import capture_rng, restore_rng
 from vitexp.training.setup import Run
 
 log = logging.getLogger(__name__)
@@ -107,14 +107,13 @@ class TrainState:
         run, step = self.run, self.run.step
         check_state_dict_fits(ckpt["model"], step.model, f"in checkpoint {source}")
         step.model.load_state_dict(ckpt["model"])
-        try:
-            step.optimizer.load_state_dict(ckpt["optimizer"])
-        except (ValueError, KeyError) as e:  # torch's message for parameter groups that differ
-            raise ConfigError(
-                f"the optimizer state in {source} does not fit this optimizer ({first_line(e)}); resume with "
-                f"the optimizer settings it was trained with"
-            ) from e
-        step.scaler.load_state_dict(ckpt["scaler"])
+        self._load_optimizer(ckpt, source)
+        if step.scaler.is_enabled() and not ckpt["scaler"]:
+            log.info(
+                "the checkpoint trained without fp16 loss scaling: the grad scaler starts at its first scale"
+            )
+        else:  # a disabled scaler ignores what it is given
+            step.scaler.load_state_dict(ckpt["scaler"])
         if step.ema is not None:
             if ckpt.get("ema") is not None:
                 step.ema.module.load_state_dict(ckpt["ema"])
@@ -126,6 +125,33 @@ class TrainState:
         run.train_loader.load_state_dict(ckpt.get("data") or {})
         self.logger_ids = dict(ckpt.get("logger_ids") or {})
         self._restore_streams(ckpt)
+
+    def _load_optimizer(self, ckpt: Mapping[str, Any], source: Path) -> None:
+        """The optimizer's state (moments, momentum buffers, step counts) from the checkpoint,
+        its hyperparameters from this run's config: torch's `load_state_dict` restores the
+        saved ones (weight decay, betas, momentum, ...), so the configured ones are put back,
+        and with trainer.resume_allow_changes what the config says is what the run does (the
+        learning rate is set from the schedule before every step anyway). Another optimizer
+        class cannot take over the state of the one saved: it starts afresh, with a warning."""
+        optimizer = self.run.step.optimizer
+        saved = (ckpt["config"].get("optimizer") or {}).get("_target_")
+        current = self.run.config["optimizer"]["_target_"]
+        if saved is not None and saved != current:
+            log.warning(
+                "the checkpoint was trained with %s, this run uses %s (trainer.resume_allow_changes): the "
+                "new optimizer starts with fresh state (no moments or momentum yet)", saved, current,
+            )  # fmt: skip
+            return
+        configured = [{k: v for k, v in group.items() if k != "params"} for group in optimizer.param_groups]
+        try:
+            optimizer.load_state_dict(ckpt["optimizer"])
+        except (ValueError, KeyError) as e:  # torch's message for parameter groups that differ
+            raise ConfigError(
+                f"the optimizer state in {source} does not fit this optimizer ({first_line(e)}); resume with "
+                f"the optimizer settings it was trained with"
+            ) from e
+        for group, hyperparameters in zip(optimizer.param_groups, configured, strict=True):
+            group.update(hyperparameters)
 
     def _restore_streams(self, ckpt: Mapping[str, Any]) -> None:
         """Rank 0's streams (the shared shuffle among them) from `rng`, then each rank's own
@@ -158,54 +184,3 @@ class TrainState:
             return
         run.augment_generator.manual_seed(rank_seed(seed, world.rank, STREAM_AUGMENT, step))
         torch.manual_seed(rank_seed(seed, world.rank, STREAM_DROPOUT, step))
-
-
-def gather_rank_streams(state: TrainState) -> list[dict[str, Any]] | None:
-    """Every rank's own random streams (collective: every rank must call it), or None when
-    `rng` holds them all (one process on the CPU, where one generator shuffles and augments)."""
-    run = state.run
-    if run.augment_generator is run.data_generator:
-        return None
-    return distributed.gather(state.rank_stream(), run.world)
-
-
-CheckpointWriter = Callable[[Mapping[str, Any], Path], None]
-
-
-class Checkpointer:
-    """Writes last.pt / best.pt / epoch{N}.pt. A failed write (disk full) keeps the previous
-    file and says so instead of stopping the run; `keep_last_k` bounds the epoch files.
-    `write` is the function that writes one file (tests pass a failing one)."""
-
-    def __init__(
-        self,
-        run_dir: Path,
-        keep_last_k: int | None,
-        *,
-        writes: bool = True,
-        write: CheckpointWriter = save_checkpoint,
-    ) -> None:
-        self.run_dir = run_dir
-        self.keep_last_k = keep_last_k
-        self.writes = writes  # False on data-parallel ranks other than 0
-        self.write = write
-        self.last_good: str | None = None
-
-    def save(self, state: Mapping[str, Any], name: str) -> bool:
-        path = self.run_dir / name
-        step = state["progress"]["global_step"]
-        if not self.writes:
-            self.last_good = f"{path} (step {step})"
-            return True
-        try:
-            self.write(state, path)
-        except OSError as e:
-            log.warning("could not write %s (%s); the previous %s is kept", path, e.strerror or e, name)
-            return False
-        if name == "last.pt":
-            self.last_good = f"{path} (step {step})"
-        if name.startswith("epoch") and self.keep_last_k:
-            epochs = sorted(self.run_dir.glob("epoch*.pt"), key=lambda p: int(p.stem[5:]))
-            for old in epochs[: -self.keep_last_k]:
-                old.unlink(missing_ok=True)
-        return True

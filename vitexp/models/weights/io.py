@@ -23,7 +23,15 @@ from torch import Tensor
 from vitexp.errors import DataError
 from vitexp.models.weights.keys import first_keys
 
-__all__ = ["HF_WEIGHT_FILES", "read_weights", "strip_wrappers", "unwrap_state_dict"]
+__all__ = [
+    "HEAD_BYTES",
+    "HF_WEIGHT_FILES",
+    "check_finite",
+    "format_problem",
+    "read_weights",
+    "strip_wrappers",
+    "unwrap_state_dict",
+]
 
 # Keys under which training scripts nest the model's state dict (ours uses "model").
 _WRAPPER_KEYS = ("model", "state_dict", "model_state_dict")
@@ -32,6 +40,77 @@ _MODULE_PREFIX = "module."
 _COMPILE_INFIX = "_orig_mod."
 # Files a Hugging Face `save_pretrained` directory holds, in order of preference.
 HF_WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
+# How much of a file `format_problem` needs to see.
+HEAD_BYTES = 512
+# What each format starts with: a zip's local header (torch >= 1.6 and .npz; an empty zip has
+# only its end record), a pickle's PROTO opcode with protocols 2-5 (torch.save before 1.6 used 2).
+_ZIP_MAGIC = (b"PK\x03\x04", b"PK\x05\x06")
+_PICKLE_MAGIC = tuple(bytes([0x80, protocol]) for protocol in range(2, 6))
+_TAR_MAGIC_AT = 257  # "ustar": torch.load reads the tar archives of torch before 0.4 too
+
+
+def _fits(head: bytes, suffix: str) -> bool:
+    """Whether a file starting with `head` can be a weights file read by its name's `suffix`."""
+    if suffix == ".npz":
+        return head.startswith(_ZIP_MAGIC)
+    if suffix == ".safetensors":  # an 8-byte little-endian header length, then a JSON object
+        return len(head) > 8 and int.from_bytes(head[:8], "little") > 0 and head[8:9] == b"{"
+    return head.startswith(_ZIP_MAGIC + _PICKLE_MAGIC) or head[_TAR_MAGIC_AT : _TAR_MAGIC_AT + 5] == b"ustar"
+
+
+def _expected(suffix: str) -> str:
+    if suffix == ".npz":
+        return "an .npz (zip) archive"
+    if suffix == ".safetensors":
+        return "a safetensors file"
+    return "a torch file (a zip archive or a pickle)"
+
+
+def _looks_like(head: bytes, content_type: str) -> str:
+    """What a file starting with `head` (served as `content_type`, if it was) is, in words."""
+    text = head.lstrip(b"\xef\xbb\xbf \t\r\n").lower()
+    if not head:
+        return "an empty file"
+    if "html" in content_type or text.startswith((b"<!doctype html", b"<html")) or b"<html" in text:
+        return "an HTML page (a sign-in or error page?)"
+    if text.startswith(b"<") or "xml" in content_type:
+        return "an XML document (an error page?)"
+    if head.startswith(b"\x1f\x8b"):
+        return "a gzip archive (unpack it first)"
+    try:
+        decoded = head.decode("utf-8")
+    except UnicodeDecodeError:
+        return f"data of another format (it starts with {head[:4].hex()})"
+    first = decoded.strip().splitlines()[0] if decoded.strip() else ""
+    if not first.isprintable():
+        return f"data of another format (it starts with {head[:4].hex()})"
+    return f"text ({first[:40]!r}…)"
+
+
+def format_problem(head: bytes, suffix: str, content_type: str = "") -> str | None:
+    """What a file that starts with `head` (its first `HEAD_BYTES`) is instead of the weights
+    its name's `suffix` promises, e.g. "an HTML page (a sign-in or error page?), not a torch
+    file (...)"; None when its first bytes fit. `content_type`: what a server said it sent."""
+    suffix = suffix.lower()
+    if _fits(head, suffix):
+        return None
+    return f"{_looks_like(head, content_type.lower())}, not {_expected(suffix)}"
+
+
+def check_finite(state_dict: Mapping[str, Tensor], source: str) -> None:
+    """Raise a DataError naming `source` and the first tensor that holds NaN or inf: such weights
+    would only show up later as a loss that diverges at the first step."""
+    bad = [
+        key
+        for key, value in state_dict.items()
+        if (value.is_floating_point() or value.is_complex()) and not bool(torch.isfinite(value).all())
+    ]
+    if bad:
+        more = f" (and {len(bad) - 1} more)" if len(bad) > 1 else ""
+        raise DataError(
+            f"pretrained weights {source} hold NaN or inf in {bad[0]}{more}: the file is damaged or comes "
+            f"from a run that diverged; point model.pretrained at other weights"
+        )
 
 
 def strip_wrappers(state_dict: Mapping[str, Tensor]) -> dict[str, Tensor]:
@@ -108,6 +187,21 @@ def _refusal(error: BaseException) -> str | None:
     return None
 
 
+def _format_problem_of(file: Path) -> str | None:
+    try:
+        with file.open("rb") as f:
+            return format_problem(f.read(HEAD_BYTES), file.suffix)
+    except OSError:
+        return None  # the loader's own error says why the file cannot be read
+
+
+def _detail(error: BaseException) -> str:
+    """The line of a loader's message that says what is wrong (torch's weights-only unpickler
+    puts it after a paragraph about its defaults)."""
+    text = str(error).split("WeightsUnpickler error:", 1)[-1].strip()
+    return text.splitlines()[0][:120] if text else type(error).__name__
+
+
 def _load(file: Path) -> Any:
     suffix = file.suffix.lower()
     if suffix == ".npz":
@@ -134,15 +228,23 @@ def read_weights(path: str | os.PathLike[str]) -> dict[str, Tensor]:
     # KeyError, zipfile.BadZipFile, SafetensorError...); any failure to parse means the file is
     # unusable, and the refusals are told apart by their message.
     except Exception as error:
+        problem = _format_problem_of(file)
+        if problem is not None:
+            raise DataError(
+                f"cannot read pretrained weights {file}: it is {problem}; the file is damaged or "
+                f"truncated, or is not weights: download or copy it again"
+            ) from None
         reason = _refusal(error)
         if reason is not None:
             raise DataError(
                 f"refused to load {file}: {reason}, and code from a weights file is never executed; "
                 f"re-save only the weights, e.g. torch.save(model.state_dict(), path) or as .safetensors"
             ) from None
-        detail = str(error).strip().splitlines()[0][:120] if str(error).strip() else type(error).__name__
+        detail = _detail(error)
         raise DataError(
             f"cannot read pretrained weights {file} ({type(error).__name__}: {detail}): the file is damaged "
             f"or truncated, download or copy it again"
         ) from error
-    return unwrap_state_dict(obj, source=str(file))
+    state_dict = unwrap_state_dict(obj, source=str(file))
+    check_finite(state_dict, str(file))
+    return state_dict

@@ -14,10 +14,12 @@ A source is one of
   gives its checksum.
 
 Downloads of names and URLs show a progress bar, go to a `.incomplete` file that becomes the
-cached file only once complete (its length, and the CRCs of a zip (`.npz`, `.pth`) or the header
-of a `.safetensors`, checked), and are serialised by a lock next to the file, so the jobs of a
-sweep share one download. The SHA-256 of a downloaded file is recorded next to it (`.sha256`)
-and checked on every later read, as is a published one. A source that does not exist is a
+cached file only once complete (its length; its first bytes, which must be its format's, so that
+an HTML sign-in page answered with 200 is refused, not cached; and the CRCs of a zip (`.npz`,
+`.pth`) or the header of a `.safetensors`, checked), and are serialised by a lock next to the
+file, so the jobs of a sweep share one download. A cached file whose first bytes are not
+weights is removed and fetched again. The SHA-256 of a downloaded file is recorded next to it
+(`.sha256`) and checked on every later read, as is a published one. A source that does not exist is a
 ConfigError; a download that fails, or a file that is damaged, a DataError: one line each,
 naming the source, where it was fetched from and where to put the file by hand.
 """
@@ -40,8 +42,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
-from vitexp.errors import ConfigError, DataError
-from vitexp.models.weights.io import HF_WEIGHT_FILES
+from vitexp.errors import ConfigError, DataError, first_line
+from vitexp.models.weights.io import HEAD_BYTES, HF_WEIGHT_FILES, format_problem
 
 __all__ = [
     "HUB_PREFIX",
@@ -358,8 +360,8 @@ def _url_cache_path(url: str) -> Path:
 
 
 def _first_line(error: BaseException | str) -> str:
-    text = str(getattr(error, "reason", None) or error).strip()
-    return (text.splitlines()[0] if text else type(error).__name__)[:160]
+    # A URLError's message is its reason's.
+    return first_line(getattr(error, "reason", None) or error)
 
 
 def _sha256(path: Path) -> str:
@@ -396,8 +398,9 @@ def _checked(target: Path, published: str | None) -> Path:
 
 def _cached_download(url: str, target: Path, *, what: str, sha256: str | None) -> Path:
     """`target` if cached, else downloaded from `url` under a lock (one process downloads, the
-    others wait for it and then read its file)."""
-    if target.is_file():
+    others wait for it and then read its file). A cached file that is not weights at all (an
+    HTML page an older vitexp cached, a file put there by mistake) is removed and fetched again."""
+    if target.is_file() and _format_problem_of(target, target.suffix) is None:
         return _checked(target, sha256)
     from filelock import FileLock, Timeout
 
@@ -412,12 +415,27 @@ def _cached_download(url: str, target: Path, *, what: str, sha256: str | None) -
     except OSError as e:
         raise DataError(f"cannot write to the weights cache {target.parent}: {_first_line(e)}") from None
     try:
-        if target.is_file():  # another process downloaded it while this one waited
-            return _checked(target, sha256)
+        if target.is_file():  # another process downloaded it while this one waited, or it is bad
+            problem = _format_problem_of(target, target.suffix)
+            if problem is None:
+                return _checked(target, sha256)
+            _remove_cached(target, what, problem)
         _download(url, target, what=what, sha256=sha256)  # checked as it arrived
         return target
     finally:
         lock.release()
+
+
+def _remove_cached(target: Path, what: str, problem: str) -> None:
+    try:
+        target.unlink()
+        target.with_name(target.name + ".sha256").unlink(missing_ok=True)
+    except OSError as e:
+        raise DataError(
+            f"the cached {what} at {target} is {problem}, and it cannot be removed ({_first_line(e)}): "
+            f"delete it and run again"
+        ) from None
+    logger.warning("the cached %s at %s was %s: removed it, downloading it again", what, target, problem)
 
 
 def _download(url: str, target: Path, *, what: str, sha256: str | None) -> None:
@@ -433,6 +451,7 @@ def _download(url: str, target: Path, *, what: str, sha256: str | None) -> None:
     try:
         with urllib.request.urlopen(request, timeout=_TIMEOUT_S) as response, partial.open("wb") as out:
             length = response.headers.get("Content-Length")
+            content_type = response.headers.get("Content-Type") or ""
             total = int(length) if length and length.isdigit() else None
             logger.info("downloading %s from %s to %s", what, url, target)
             bar = tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc=what, disable=None)
@@ -449,6 +468,12 @@ def _download(url: str, target: Path, *, what: str, sha256: str | None) -> None:
                 f"the download of {origin} was cut short ({written} of {total} bytes); nothing "
                 f"was cached: run again, or {by_hand}"
             )
+        not_weights = _format_problem_of(partial, target.suffix, content_type)
+        if not_weights is not None:
+            raise DataError(
+                f"the download of {origin} is {not_weights}; nothing was cached: check the URL (does it need "
+                f"a sign-in or a token?), or {by_hand}"
+            )
         damage = _damage(partial, suffix=target.suffix)
         if damage is None and sha256 is not None and digest.hexdigest() != sha256:
             damage = f"its SHA-256 {digest.hexdigest()[:12]}… is not the published {sha256[:12]}…"
@@ -463,6 +488,13 @@ def _download(url: str, target: Path, *, what: str, sha256: str | None) -> None:
         raise DataError(f"cannot download {origin} ({reason}): {by_hand}") from None
     finally:
         partial.unlink(missing_ok=True)
+
+
+def _format_problem_of(path: Path, suffix: str, content_type: str = "") -> str | None:
+    """What `path` is instead of weights of its `suffix`'s format, from its first bytes (see
+    `io.format_problem`), or None when they fit."""
+    with path.open("rb") as f:
+        return format_problem(f.read(HEAD_BYTES), suffix, content_type)
 
 
 def _damage(path: Path, suffix: str) -> str | None:
