@@ -113,11 +113,6 @@ def test_a_run_without_metrics_draws_nothing_and_a_failure_only_warns(tmp_path, 
     assert "could not draw" in caplog.text and "line 1 is not a JSON record" in caplog.text
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="vitexp.training.records.write_summary does not call vitexp.curves.write_curves yet "
-    "(#26: one line for the training code's owner); remove this mark when it does",
-)
 def test_every_run_writes_its_curves(tiny_training):
     assert "curves.png" in tiny_training[1]
 
