@@ -16,8 +16,10 @@ from tests.helpers import REPO
 from vitexp.config import conf_dir
 
 COMMANDS = [*vitexp.commands.HYDRA_COMMANDS, *vitexp.commands.ARGPARSE_COMMANDS]
-# The required settings of the inspection commands, given so that the typo alone is wrong.
-REQUIRED = {"shards": ["out=nowhere"]}
+# Settings given beside the typo: the inspection commands' required ones, so that the typo alone
+# is wrong; for training a preset, which the check must know before the training module (which
+# used to register the presets as it was imported) is loaded.
+GIVEN = {"train": ["experiment=digits"], "shards": ["out=nowhere"]}
 
 
 def entry_file(command: str) -> str:
@@ -49,11 +51,11 @@ def test_the_console_script_and_the_packages_include_the_commands() -> None:
     assert packages <= set(project["tool"]["setuptools"]["packages"])  # else a wheel lacks them
 
 
-@pytest.mark.parametrize("command", [c for c in vitexp.commands.HYDRA_COMMANDS if c != "train"])
+@pytest.mark.parametrize("command", vitexp.commands.HYDRA_COMMANDS)
 def test_the_command_line_is_checked_before_torch_loads(command: str) -> None:
-    """As `python -m vitexp` (tests/test_command_line.py): a typo costs one line, not torch's
-    start-up, and the command's module (which imports torch) is not even imported."""
-    args = [*REQUIRED.get(command, ["checkpoint=nope.pt"]), "bogus_key=1"]
+    """As tests/test_command_line.py does for `python -m vitexp`: a typo costs one line, not
+    torch's start-up, and the command's module (which imports torch) is not even imported."""
+    args = [*GIVEN.get(command, ["checkpoint=nope.pt"]), "bogus_key=1"]
     result = subprocess.run(
         [sys.executable, "-X", "importtime", "-m", vitexp.commands.typed(command), *args],
         cwd=REPO,
