@@ -322,6 +322,11 @@ GROUP_SETTINGS = (
         ),
     ),
     Declared("dataset.on_error", str, Choices(("fail", "skip"))),
+    Declared(
+        "logger.wandb.init_timeout",
+        float,
+        Range("(0, inf)", "must be positive (seconds wandb.init may take before the run logs offline)"),
+    ),
     Declared("seed", int, Range("[0, inf)", "must not be negative")),
 )
 
