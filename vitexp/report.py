@@ -2,7 +2,9 @@
 
 Reads every job folder of the sweep (its overrides, `summary.json` or `error.txt`, and
 `metrics.jsonl`), prints a table sorted by the objective, and writes it next to the jobs as
-`report.csv` and `report.md`, with `report.png`: the eval accuracy curve of every job.
+`report.csv` and `report.md`, with `report.png`: the eval accuracy curve of every job; for an
+Optuna search, `report_study.png`: each trial's intermediate values (pruned ones marked) and
+the parameter importances.
 """
 
 from __future__ import annotations
@@ -20,13 +22,16 @@ from omegaconf import DictConfig
 
 from vitexp.cli import exit_on_error
 from vitexp.errors import ConfigError
+from vitexp.studies import plot_study
+
+TRIAL_KEYS = ("trial.storage=", "trial.study=", "trial.number=")
 
 
 @dataclass
 class Job:
     name: str  # the job's folder name (Hydra's job number)
     overrides: str
-    status: str  # completed | failed | running
+    status: str  # completed | pruned | failed | running
     objective: float | None = None
     monitor: str = ""
     best_epoch: int | None = None
@@ -39,7 +44,7 @@ def _job_overrides(job_dir: Path, sweep_keys: set[str] | None = None) -> str:
     path = job_dir / ".hydra" / "overrides.yaml"
     if not path.is_file():
         return ""
-    overrides = yaml.safe_load(path.read_text()) or []
+    overrides = [o for o in yaml.safe_load(path.read_text()) or [] if not o.startswith(TRIAL_KEYS)]
     if sweep_keys:
         overrides = [o for o in overrides if o.split("=", 1)[0].lstrip("+~") in sweep_keys]
     return " ".join(overrides)
@@ -51,6 +56,8 @@ def _swept_keys(job_dirs: list[Path]) -> set[str]:
     for job_dir in job_dirs:
         path = job_dir / ".hydra" / "overrides.yaml"
         for override in yaml.safe_load(path.read_text()) or [] if path.is_file() else []:
+            if override.startswith(TRIAL_KEYS):  # which trial a job reports to: not a setting
+                continue
             key, _, value = override.partition("=")
             values.setdefault(key.lstrip("+~"), set()).add(value)
     varying = {k for k, v in values.items() if len(v) > 1}
@@ -80,7 +87,7 @@ def read_sweep(sweep_dir: str | Path) -> list[Job]:
         summary, error = job_dir / "summary.json", job_dir / "error.txt"
         if summary.is_file():
             data = json.loads(summary.read_text())
-            job.status = "completed"
+            job.status = "pruned" if data.get("stopped_by") == "pruned" else "completed"
             ((job.monitor, job.objective),) = ((k, v) for k, v in data["best"].items() if k != "epoch")
             job.best_epoch = data["best"]["epoch"]
             job.train_seconds = data.get("train_seconds")
@@ -124,7 +131,20 @@ def write_report(sweep_dir: str | Path, jobs: list[Job]) -> dict[str, Path]:
     lines += ["| " + " | ".join(cell.replace("|", "\\|") for cell in row) + " |" for row in rows]
     paths["md"].write_text("\n".join(lines) + "\n")
     _plot_curves(jobs, paths["png"])
+    study = _study_of(sweep_dir, jobs)
+    if study is not None and plot_study(*study, sweep_dir / "report_study.png"):
+        paths["study"] = sweep_dir / "report_study.png"
     return paths
+
+
+def _study_of(sweep_dir: Path, jobs: list[Job]) -> tuple[str, str] | None:
+    """The Optuna study the jobs reported to (their trial.storage and trial.study), if any."""
+    for job in jobs:
+        config = sweep_dir / job.name / ".hydra" / "config.yaml"
+        trial = (yaml.safe_load(config.read_text()) or {}).get("trial") if config.is_file() else None
+        if trial and trial.get("storage") and trial.get("study"):
+            return str(trial["storage"]), str(trial["study"])
+    return None
 
 
 def _plot_curves(jobs: list[Job], path: Path) -> None:
@@ -164,7 +184,7 @@ def main(argv: list[str] | None = None) -> int:
         jobs = read_sweep(args.sweep_dir)
         paths = write_report(args.sweep_dir, jobs)
     print(format_table(jobs))
-    print(f"wrote {paths['csv']}, {paths['md']}, {paths['png']}")
+    print(f"wrote {', '.join(map(str, paths.values()))}")
     return 0
 
 
@@ -189,7 +209,8 @@ class SweepSummary(Callback):
         except ConfigError:
             return  # nothing ran (e.g. every job was refused before starting)
         print(
-            f"\nsweep {sweep_dir}:\n{format_table(jobs)}\nreport: {sweep_dir}/report.md, report.png",
+            f"\nsweep {sweep_dir}:\n{format_table(jobs)}\nreport: {sweep_dir}/report.md, report.png"
+            + (", report_study.png" if (sweep_dir / "report_study.png").is_file() else ""),
             flush=True,
         )
         failed = [job.name for job in jobs if job.status == "failed"]
