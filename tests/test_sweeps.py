@@ -210,7 +210,8 @@ def study_trials(sweep: Path) -> list:
 
     from vitexp.studies import open_storage
 
-    return optuna.load_study(study_name="digits_optuna", storage=open_storage(f"{sweep}/optuna.journal")).trials
+    storage = open_storage(f"{sweep}/optuna.journal")
+    return optuna.load_study(study_name="digits_optuna", storage=storage).trials
 
 
 @needs_optuna
@@ -350,4 +351,4 @@ def test_hydra_finds_vitexps_plugins_from_any_working_directory(tmp_path):
     result = run_cli("--info", "plugins", cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-2000:]
     assert "LocalGPUsLauncher" in result.stdout
-    assert "hydra_plugins.vitexp_sweeps.optuna_sweeper.OptunaSweeper" in result.stdout
+    assert "OptunaSweeper" in result.stdout and "hydra_plugins.vitexp_sweeps.optuna_sweeper " in result.stdout

@@ -19,10 +19,11 @@ from vitexp.errors import ConfigError
 
 
 def _choices(override: Override) -> CategoricalDistribution:
-    values = list(override.sweep_iterator(transformer=Transformer.encode))
-    for value in values:
+    values: list[str | int | float | bool | None] = []
+    for value in override.sweep_iterator(transformer=Transformer.encode):
         if not isinstance(value, str | int | float | bool | type(None)):
             raise ConfigError(f"{override.input_line}: a choice takes str, int, float, bool or null values")
+        values.append(value)
     return CategoricalDistribution(values)
 
 

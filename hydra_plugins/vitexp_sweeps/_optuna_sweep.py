@@ -18,6 +18,7 @@ from hydra.types import HydraContext, TaskFunction
 from hydra.utils import get_method, instantiate
 from omegaconf import DictConfig, OmegaConf
 from optuna.distributions import BaseDistribution
+from optuna.study import StudyDirection
 from optuna.trial import FrozenTrial, TrialState
 
 from hydra_plugins.vitexp_sweeps._optuna_space import (
@@ -94,7 +95,7 @@ class OptunaSweep:
     search_space: dict[str, Any] | None
     extend: Callable[[DictConfig, optuna.Trial], None] | None
     pruner: dict[str, Any] | None
-    config: DictConfig = field(default_factory=DictConfig, repr=False)
+    config: Any = field(default=None, repr=False)  # the sweep's composed config (DictConfig)
     launcher: Any = None
 
     @classmethod
@@ -209,7 +210,7 @@ class OptunaSweep:
         pruner = build("hydra.sweeper.pruner", self.pruner) if self.pruner else None
         study = optuna.create_study(
             study_name=self.study_name, storage=backend, sampler=sampler, pruner=pruner,
-            directions=self.directions, load_if_exists=True,
+            directions=[StudyDirection[d.upper()] for d in self.directions], load_if_exists=True,
         )  # fmt: skip
         if study.user_attrs.get(PRUNER_ATTR) != self.pruner:
             study.set_user_attr(PRUNER_ATTR, self.pruner)  # where the jobs find it
@@ -240,8 +241,8 @@ class OptunaSweep:
         to_go = max(0, self.n_trials - stored)
         while to_go > 0:
             batch = [study.ask(space) for _ in range(min(self.n_jobs, to_go))]
-            overrides = [self.configure(study, trial, fixed, passed) for trial in batch]
-            self.launch_and_record(study, [t.number for t in batch], overrides)
+            configured = [self.configure(study, trial, fixed, passed) for trial in batch]
+            self.launch_and_record(study, [t.number for t in batch], configured)
             to_go -= len(batch)
         self.write_results(study)
 

@@ -23,8 +23,9 @@ log = logging.getLogger(__name__)
 class TrialReport:
     """Called after each evaluation with the epoch and the monitored value: reports it to the
     trial and returns True when the pruner says the run should stop (the trial is then
-    recorded as pruned); never after the last evaluation, when the run is done anyway. A storage that fails turns reporting off, with one warning: the run
-    goes on (as for a logger)."""
+    recorded as pruned); never after the last evaluation, when the run is done anyway. A
+    storage that fails turns reporting off, with one warning: the run goes on (as for a
+    logger)."""
 
     def __init__(self, storage: str, study: str, number: int) -> None:
         import optuna
