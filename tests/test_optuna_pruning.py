@@ -234,3 +234,16 @@ def test_a_pruned_search_through_local_gpus_two_jobs_at_once(tmp_path):
     assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
     check_pruned_search(sweep, 2)
     assert overlap(span(sweep / "0"), span(sweep / "1"))  # both wrote the journal at once
+
+
+def test_a_pruned_run_is_tagged_pruned_in_wandb(tmp_path):
+    from types import SimpleNamespace
+
+    from vitexp.training.loggers import JsonlLogger, Loggers, WandbLogger
+
+    wandb = object.__new__(WandbLogger)  # its W&B run: an object with tags, as wandb's Run
+    wandb._failed, wandb.run = False, SimpleNamespace(tags=("sweep",))
+    loggers = Loggers([JsonlLogger(tmp_path / "metrics.jsonl")])  # a logger without tags
+    loggers.add("wandb", wandb)
+    loggers.tag("pruned")
+    assert wandb.run.tags == ("sweep", "pruned")
