@@ -321,13 +321,15 @@ class OptunaSweep:
         counts = {s.name.lower(): sum(t.state == s for t in study.trials) for s in TrialState}
         log.info("study %s: %s", study.study_name, ", ".join(f"{n} {k}" for k, n in counts.items() if n))
         results: dict[str, Any] = {"name": "optuna"}
+        # The lines Hydra's Optuna sweeper logs, which scripts may look for.
         if len(self.directions) > 1:
             results["solutions"] = [{"params": t.params, "values": t.values} for t in study.best_trials]
-            log.info("%d Pareto solutions", len(study.best_trials))
+            log.info("Number of Pareto solutions: %d", len(study.best_trials))
         elif counts["complete"]:
             best = study.best_trial
             results.update(best_params=best.params, best_value=best.value)
-            log.info("best trial %d: value %s, params %s", best.number, best.value, best.params)
+            log.info("Best parameters: %s", best.params)
+            log.info("Best value: %s (trial %d)", best.value, best.number)
         OmegaConf.save(
             OmegaConf.create(results), Path(str(self.config.hydra.sweep.dir)) / "optimization_results.yaml"
         )
