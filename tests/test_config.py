@@ -280,8 +280,7 @@ def test_a_preset_with_a_wrong_type_fails_at_composition():
 
 
 @pytest.mark.skipif(
-    importlib.util.find_spec("hydra_plugins.hydra_optuna_sweeper") is None,
-    reason="hydra-optuna-sweeper is not installed (pip install -e '.[sweep]')",
+    importlib.util.find_spec("optuna") is None, reason="optuna is not installed (pip install -e '.[sweep]')"
 )
 @pytest.mark.parametrize("name", options("hparams_search"))
 def test_every_hparams_search_composes(name):

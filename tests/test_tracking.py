@@ -180,8 +180,7 @@ def test_report_of_a_folder_without_jobs_is_one_line(tmp_path):
 
 
 @pytest.mark.skipif(
-    importlib.util.find_spec("hydra_plugins.hydra_optuna_sweeper") is None,
-    reason="hydra-optuna-sweeper is not installed (pip install -e '.[sweep]')",
+    importlib.util.find_spec("optuna") is None, reason="optuna is not installed (pip install -e '.[sweep]')"
 )
 def test_optuna_search_two_trials_on_digits(tmp_path):
     sweep = tmp_path / "optuna"

@@ -5,7 +5,9 @@ single run's (outputs/DATE/TIME). Reads each run's overrides, `summary.json` or 
 and `metrics.jsonl`; prints a table sorted by the objective; and writes `report.csv` and
 `report.md` (one column per swept key, the monitored metric's best and final values),
 `report.png` (the eval accuracy of every run per epoch) and `curves.png` (the runs' training
-curves overlaid) into the folder given, or `--out DIR`.
+curves overlaid) into the folder given, or `--out DIR`; for an Optuna search,
+`report_study.png`: each trial's intermediate values (pruned ones marked) and the parameter
+importances.
 """
 
 from __future__ import annotations
@@ -27,13 +29,17 @@ from omegaconf import DictConfig
 from vitexp.cli import exit_on_error
 from vitexp.curves import read_metrics, save_curves
 from vitexp.errors import ConfigError
+from vitexp.studies import plot_study
+
+# Which Optuna trial a job reports to: not a setting of the run.
+TRIAL_KEYS = ("trial.storage=", "trial.study=", "trial.number=")
 
 
 @dataclass
 class Job:
     name: str  # the job's folder name (Hydra's job number), or the run folder as given
     overrides: str  # the swept overrides, as one string (the terminal table's column)
-    status: str  # completed | failed | running
+    status: str  # completed | pruned | failed | running
     objective: float | None = None  # the best value of the monitored metric
     final: float | None = None  # its value at the end of the run
     monitor: str = ""
@@ -43,12 +49,14 @@ class Job:
     swept: dict[str, str] = field(default_factory=dict)  # swept key -> this job's value
     metrics: list[dict[str, Any]] = field(default_factory=list)  # metrics.jsonl
     curve: list[tuple[int, float]] = field(default_factory=list)  # (epoch, val/acc1)
+    folder: Path | None = None  # the run's folder
 
 
 def _overrides(job_dir: Path) -> list[tuple[str, str, str]]:
     """(key, value, override as written) of each override the job was started with."""
     path = job_dir / ".hydra" / "overrides.yaml"
     overrides = (yaml.safe_load(path.read_text()) or []) if path.is_file() else []
+    overrides = [o for o in overrides if not o.startswith(TRIAL_KEYS)]
     return [(o.split("=", 1)[0].lstrip("+~"), o.partition("=")[2], o) for o in overrides]
 
 
@@ -97,11 +105,12 @@ def _read_job(name: str, job_dir: Path, keys: list[str]) -> Job:
         overrides=" ".join(o for _, _, o in overrides),
         status="running",
         swept={k: v if not o.startswith("~") else "~" + v for k, v, o in overrides},
+        folder=job_dir,
     )
     summary, error = job_dir / "summary.json", job_dir / "error.txt"
     if summary.is_file():
         data = json.loads(summary.read_text())
-        job.status = "completed"
+        job.status = "pruned" if data.get("stopped_by") == "pruned" else "completed"
         ((job.monitor, job.objective),) = ((k, v) for k, v in data["best"].items() if k != "epoch")
         job.final = data.get("final", {}).get(job.monitor)
         job.best_epoch = data["best"]["epoch"]
@@ -187,7 +196,22 @@ def write_report(out_dir: str | Path, jobs: list[Job]) -> dict[str, Path]:
     paths["md"].write_text("".join(f"| {line} |\n" for line in lines))
     _plot_accuracy(jobs, paths["png"])
     save_curves({f"{j.name} {j.overrides}".strip(): j.metrics for j in jobs}, paths["curves"])
+    study = _study_of(jobs)
+    if study is not None and plot_study(*study, out_dir / "report_study.png"):
+        paths["study"] = out_dir / "report_study.png"
     return paths
+
+
+def _study_of(jobs: list[Job]) -> tuple[str, str] | None:
+    """The Optuna study the jobs reported to (their trial.storage and trial.study), if any."""
+    for job in jobs:
+        config = job.folder / ".hydra" / "config.yaml" if job.folder else None
+        trial = (
+            (yaml.safe_load(config.read_text()) or {}).get("trial") if config and config.is_file() else None
+        )
+        if trial and trial.get("storage") and trial.get("study"):
+            return str(trial["storage"]), str(trial["study"])
+    return None
 
 
 def _plot_accuracy(jobs: list[Job], path: Path) -> None:
@@ -231,7 +255,7 @@ def main(argv: list[str] | None = None) -> int:
         jobs = read_runs(args.folders)
         paths = write_report(args.out or args.folders[0], jobs)
     print(format_table(jobs))
-    print(f"wrote {paths['csv']}, {paths['md']}, {paths['png']}, {paths['curves']}")
+    print(f"wrote {', '.join(map(str, paths.values()))}")
     return 0
 
 
@@ -252,6 +276,7 @@ class SweepSummary(Callback):
         except ConfigError:
             return  # nothing ran (e.g. every job was refused before starting)
         files = f"{sweep_dir}/report.md, report.csv, report.png, curves.png"
+        files += ", report_study.png" if (sweep_dir / "report_study.png").is_file() else ""
         print(f"\nsweep {sweep_dir}:\n{format_table(jobs)}\nreport: {files}", flush=True)
         failed = [job.name for job in jobs if job.status == "failed"]
         if failed:

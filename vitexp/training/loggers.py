@@ -183,6 +183,9 @@ class WandbLogger:
 
         self._guard("images", lambda: self.run.log({name: [to_wandb(i, c) for i, c in images]}, step=step))
 
+    def tag(self, name: str) -> None:
+        self._guard("tag", lambda: setattr(self.run, "tags", (*self.run.tags, name)))
+
     def finish(self) -> None:
         self._guard("finish", lambda: self.run.finish())
 
@@ -215,6 +218,12 @@ class Loggers:
     def images(self, name: str, images: list[tuple[Any, str]], step: int) -> None:
         for logger in self.loggers:
             logger.images(name, images, step)
+
+    def tag(self, name: str) -> None:
+        """Tag the external runs (W&B: `pruned`); loggers without tags ignore it."""
+        for logger in self.loggers:
+            if hasattr(logger, "tag"):
+                logger.tag(name)
 
     def finish(self) -> None:
         for logger in self.loggers:

@@ -15,7 +15,7 @@ import contextlib
 import dataclasses
 import logging
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NamedTuple
@@ -38,6 +38,7 @@ from vitexp.training.preemption import Preempted, PreemptionGuard
 from vitexp.training.records import Fitted, open_records, write_records
 from vitexp.training.setup import LossFn, Run, Step, build, max_epochs
 from vitexp.training.state import TrainState
+from vitexp.training.trial import trial_report
 
 log = logging.getLogger(__name__)
 
@@ -137,6 +138,10 @@ class Loop:
     loggers: Loggers
     checkpoints: Checkpoints
     budget: TimeBudget | None = None
+    # Called after each evaluation with (epoch, monitored value, whether it is the last one);
+    # True stops the run there (an Optuna trial whose pruner says so: vitexp.training.trial).
+    after_eval: Callable[[int, float, bool], bool] | None = None
+    stopped_early: bool = False
     window: LossWindow = field(init=False)
     guard: PreemptionGuard = field(default_factory=PreemptionGuard)
 
@@ -147,7 +152,7 @@ class Loop:
         """Train until the last step (or the time budget); returns the final eval metrics."""
         p, final = self.state.progress, {}
         with self.guard:
-            while p.global_step < p.total_steps and not self.out_of_time():
+            while p.global_step < p.total_steps and not self.out_of_time() and not self.stopped_early:
                 if p.order is None:  # a new epoch; its order is saved with mid-epoch checkpoints
                     p.epoch, p.step_in_epoch = p.epoch + 1, 0
                     p.order = self.run.train_loader.new_order()
@@ -221,6 +226,10 @@ class Loop:
         )  # fmt: skip
         p.order = None  # the epoch is complete
         self.checkpoints.save(self.state, epoch_end=True, best=improved)  # collective
+        if self.after_eval is not None or self.run.world.distributed:
+            last = p.global_step >= p.total_steps
+            stop = self.after_eval is not None and self.after_eval(p.epoch, current, last)
+            self.stopped_early = bool(distributed.agree(stop, self.run.world))  # rank 0 reports
         return metrics
 
     def val_metrics(self) -> dict[str, float]:
@@ -339,7 +348,8 @@ def _run_dir_of(cfg: DictConfig, run_dir: str | Path | None) -> Path:
 
 
 def fit(run: Run, ctx: RunContext, state: TrainState, loggers: Loggers, checkpoints: Checkpoints) -> Fitted:
-    """Train from where `state` is to the last step (or the time budget)."""
+    """Train from where `state` is to the last step (or the time budget, or until the run's
+    Optuna trial is pruned)."""
     budget = None
     if run.trainer.max_time is not None:
         # The budget covers training and per-epoch evaluation; a resumed run gets what is left.
@@ -349,7 +359,12 @@ def fit(run: Run, ctx: RunContext, state: TrainState, loggers: Loggers, checkpoi
             "time budget: %.0f s (trainer.max_time); the schedule adapts to the pace", run.trainer.max_time
         )
     log_start(run, ctx, run.total_steps)
-    final = Loop(run, ctx, state, loggers, checkpoints, budget).fit()
+    after_eval = trial_report(run.cfg) if run.world.is_main else None
+    loop = Loop(run, ctx, state, loggers, checkpoints, budget, after_eval)
+    final = loop.fit()
+    if loop.stopped_early:
+        loggers.tag("pruned")
+        return Fitted(final, "pruned")
     # The budget ends the run by fitting its length to the time left: it ends on time, before
     # the steps max_epochs/max_steps would give.
     on_time = budget is not None and (budget.spent or state.progress.global_step < run.total_steps)

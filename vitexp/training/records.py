@@ -26,7 +26,7 @@ class Fitted(NamedTuple):
     """How training ended: the final evaluation's metrics, and what stopped it."""
 
     final: dict[str, float]
-    stopped_by: str  # "max_time" or "max_epochs/max_steps"
+    stopped_by: str  # "max_time", "max_epochs/max_steps", or "pruned" (its Optuna trial's pruner)
 
 
 def open_records(run: Run, ctx: RunContext, state: TrainState) -> Loggers:
