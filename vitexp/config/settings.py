@@ -294,6 +294,11 @@ GROUP_SETTINGS = (
     Declared("optimizer.weight_decay", float, Range("[0, inf)", "must not be negative")),
     Declared("optimizer.momentum", float, Range("[0, 1)", "must be in [0, 1) (0.9 is usual)")),
     Declared(
+        "optimizer.layer_decay",
+        float | None,
+        Range("(0, 1]", "must be in (0, 1] (0.65 to 0.75 is usual), or null for one rate for all layers"),
+    ),
+    Declared(
         "scheduler.warmup_steps",
         int | None,
         Range("[0, inf)", "must not be negative, or null to count the warmup in epochs"),

@@ -48,7 +48,7 @@ from vitexp.runtime import (
 from vitexp.training import distributed
 from vitexp.training.distributed import World
 from vitexp.training.ema import Ema
-from vitexp.training.optim import Schedule, make_schedule, param_groups
+from vitexp.training.optim import Schedule, build_optimizer, make_schedule
 
 log = logging.getLogger(__name__)
 
@@ -255,10 +255,10 @@ def _step(
 ) -> Step:
     """The optimizer, the wrappers, the loss and the EMA: what one training step uses."""
     device = next(model.parameters()).device
-    # No weight decay on norms, biases and embeddings; the rate is set from the schedule
-    # before every step.
-    make_optimizer = instantiate_group("optimizer", cfg.optimizer)  # a partial: `_partial_: true`
-    optimizer = make_optimizer(param_groups(model, float(cfg.optimizer.get("weight_decay") or 0)))
+    # No weight decay on norms, biases and embeddings; frozen parameters have no group; each
+    # group's rate (its layer's, with optimizer.layer_decay) is scaled by the schedule before
+    # every step.
+    optimizer = build_optimizer(cfg.optimizer, model)
     # EMA of the weights: it is the model that is evaluated, picks best.pt and is used for inference.
     ema = Ema(model, t.ema_decay) if t.ema_decay else None
     if world.distributed and not resuming:
