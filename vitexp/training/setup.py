@@ -48,6 +48,7 @@ from vitexp.runtime import (
 from vitexp.training import distributed
 from vitexp.training.distributed import World
 from vitexp.training.ema import Ema
+from vitexp.training.finetune import freeze
 from vitexp.training.optim import Schedule, build_optimizer, make_schedule
 
 log = logging.getLogger(__name__)
@@ -313,6 +314,7 @@ def build(
     configure_backends(device, deterministic=t.deterministic)
     data, train_split, eval_split, eval_name = _load_data(cfg, t)
     model = _build_model(cfg, device, resuming=resuming)
+    freeze(model, t.freeze, t.train_last_blocks)  # before the optimizer: frozen parameters get no state
     transform = build_transform(cfg, _img_size(model))
     train_loader, eval_loader, data_generator, augment_generator = _loaders(
         cfg, t, world, device, transform, (train_split, eval_split)
