@@ -64,7 +64,7 @@ def attention_figure(
     trained = as_trained(checkpoint, device)
     if not has_attention_maps(trained.model):
         kind = f"{type(trained.model).__module__.split('.')[0]}'s {type(trained.model).__name__}"
-        raise ConfigError(f"{trained.path.name}: attention maps are drawn for vitexp's ViT models, not {kind}")
+        raise ConfigError(f"{trained.path.name}: attention maps are drawn for vitexp's ViTs, not {kind}")
     labels = None
     if images:
         pictures = load_images(images, trained.in_channels, trained.img_size)
