@@ -31,7 +31,9 @@ from vitexp.models.weights.conv import convert_hf_cvt, convert_timm_hybrid
 from vitexp.training.optim import build_optimizer
 
 VIT_TARGET = "vitexp.models.VisionTransformer"
-CONV_MODELS = [n for n in model_options() if model_config(n)["_target_"] != VIT_TARGET]
+TIMM_TARGET = "vitexp.models.timm_model"
+# vitexp's convolutional families (model=timm builds timm's models: tests/test_timm_models.py).
+CONV_MODELS = [n for n in model_options() if model_config(n)["_target_"] not in (VIT_TARGET, TIMM_TARGET)]
 
 
 def _perturb(model: nn.Module, seed: int = 0, scale: float = 0.1) -> nn.Module:

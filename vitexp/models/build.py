@@ -26,7 +26,7 @@ from vitexp.errors import ConfigError, DataError
 from vitexp.models.cct import CCT
 from vitexp.models.cvt import CvT
 from vitexp.models.hybrid import HybridVisionTransformer
-from vitexp.models.timm_models import timm_model
+from vitexp.models.timm_models import create_timm_model, timm_model
 from vitexp.models.vit import VisionTransformer
 from vitexp.models.weights import load_pretrained as load_pretrained_weights
 from vitexp.models.weights import resolve_weights
@@ -111,7 +111,7 @@ def build_model(model_cfg: Mapping[str, Any], *, load_pretrained: bool = True) -
     check_arguments(target, kwargs, "model")
     source = config.get("pretrained")
     if target is timm_model:  # timm fetches nothing itself but loads and adapts its own weights
-        return timm_model(**kwargs, pretrained=source if load_pretrained else None)
+        return create_timm_model(**kwargs, pretrained=source if load_pretrained else None)
     model = target(**{key: _instantiate_nested(value) for key, value in kwargs.items()})
     if load_pretrained and source:
         weights = resolve_weights(str(source))

@@ -17,12 +17,12 @@ from __future__ import annotations
 
 import difflib
 import importlib
-import inspect
 from dataclasses import dataclass
 from types import ModuleType
-from typing import Any
+from typing import Any, TypedDict
 
 from torch import nn
+from typing_extensions import Unpack
 
 from vitexp.errors import ConfigError, first_line
 from vitexp.models.weights import resolve_weights
@@ -72,7 +72,28 @@ _CREATE_ARGUMENTS = ("model_name", "pretrained", "pretrained_cfg", "pretrained_c
                      "checkpoint_path", "cache_dir", "scriptable", "exportable", "no_jit")  # fmt: skip
 
 
-def timm_model(
+class TimmSettings(TypedDict, total=False):
+    """What `model=timm` configures: `create_timm_model`'s arguments but the weights."""
+
+    name: str
+    num_classes: int
+    in_channels: int
+    img_size: int | list[int] | None
+    drop_rate: float
+    drop_path_rate: float
+    mean: list[float] | None
+    std: list[float] | None
+    interpolation: str | None
+    model_args: dict[str, Any] | None
+
+
+def timm_model(**settings: Unpack[TimmSettings]) -> nn.Module:
+    """A timm model by name, randomly initialised: the constructor `model=timm` names (and the
+    allow-list of stored configs admits); `build_model` adds `model.pretrained`'s weights."""
+    return create_timm_model(**settings)
+
+
+def create_timm_model(
     *,
     name: str,
     num_classes: int,
@@ -86,17 +107,16 @@ def timm_model(
     model_args: dict[str, Any] | None = None,
     pretrained: bool | str | None = None,
 ) -> nn.Module:
-    """`timm.create_model(name, num_classes=..., in_chans=in_channels, img_size=..., ...)` with
+    """`timm.create_model(name, num_classes=..., in_chans=in_channels, img_size=..., ...)`, with
     timm's pretrained weights when `pretrained` is true (or those of a file, a Hub repo or a URL
-    when it is a string). `img_size`, `mean`, `std`, `interpolation`: null takes the pretrained
-    config's. `model_args`: any other keyword argument of the model (e.g. `{reg_tokens: 4}`).
-    The model gets `img_size` (height, width), what vitexp's loop and inference read."""
+    when it is a string), loaded and adapted by timm. `img_size`, `mean`, `std`,
+    `interpolation`: null takes the pretrained config's. `model_args`: any other keyword
+    argument of the model (e.g. `{reg_tokens: 4}`). The model gets `img_size` (height, width),
+    what vitexp's loop and inference read."""
     timm = require_timm()
     _check_name(timm, name)
     extra = dict(model_args or {})
-    reserved = [
-        key for key in extra if key in _CREATE_ARGUMENTS or key in inspect.signature(timm_model).parameters
-    ]
+    reserved = [key for key in extra if key in _CREATE_ARGUMENTS or key in TimmSettings.__annotations__]
     if reserved:
         raise ConfigError(
             f"model.model_args.{reserved[0]} is not for model_args: it is a setting of its own or timm's"
