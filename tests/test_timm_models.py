@@ -93,6 +93,11 @@ def test_arguments_that_are_not_the_models_are_refused():
         build_stored_model(timm_cfg(model_args={"checkpoint_path": "/tmp/x.pth"}), source="ckpt.pt")
 
 
+def test_a_convolutional_network_takes_the_image_size_it_is_given():
+    model = build_model(timm_cfg(name="convnext_atto", img_size=32))
+    assert model.img_size == (32, 32) and model(torch.randn(1, 3, 32, 32)).shape == (1, 10)
+
+
 def test_mean_std_interpolation_and_size_come_from_the_model_unless_overridden():
     cfg = compose_cfg(["dataset=fake", *MODEL, "model.img_size=28"])
     model = build_model(cfg.model)

@@ -140,11 +140,21 @@ def create_timm_model(
             extra[key] = rate
     if pretrained:
         overlay["file"] = _weights_file(name, pretrained, pretrained_cfg)
-    try:
-        model: nn.Module = timm.create_model(
+
+    def create(arguments: dict[str, Any]) -> nn.Module:
+        return timm.create_model(
             name, pretrained=bool(pretrained), pretrained_cfg_overlay=overlay, num_classes=num_classes,
-            in_chans=in_channels, **extra,
+            in_chans=in_channels, **arguments,
         )  # fmt: skip
+
+    try:
+        try:
+            model = create(extra)
+        except TypeError as e:
+            if "img_size" not in extra or "img_size" not in str(e):
+                raise
+            # A convolutional network has no img_size argument: it takes any size as it is.
+            model = create({k: v for k, v in extra.items() if k != "img_size"})
     except TypeError as e:  # an argument the model's constructor does not take
         raise ConfigError(f"model: timm's {name} refuses its arguments ({first_line(e)})") from e
     except RuntimeError as e:  # timm's strict load: weights of another architecture
