@@ -176,7 +176,8 @@ def check_pretrained_names(values: list[str]) -> None:
     vitexp knows (`python -m vitexp.weights` lists them)."""
     for value in values:
         looks_like_file = "/" in value or value.endswith((".pt", ".pth", ".bin", ".npz", ".safetensors"))
-        if value.startswith("hf-hub:") or "://" in value or looks_like_file:
+        timm_own = value in ("True", "False")  # model=timm: the weights timm names for model.name, or none
+        if value.startswith("hf-hub:") or "://" in value or looks_like_file or timm_own:
             continue
         assert find_named(value) is not None, f"model.pretrained={value} is not a known weights name"
 

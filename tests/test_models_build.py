@@ -28,6 +28,7 @@ from vitexp.models import (
     VisionTransformer,
     build_model,
     build_stored_model,
+    timm_model,
 )
 from vitexp.models.build import MODEL_REGISTRY
 from vitexp.training.checkpoint import save_checkpoint
@@ -141,6 +142,9 @@ def test_registry_holds_each_model_class_under_its_public_and_module_paths() -> 
         "vitexp.models.cvt.CvT": CvT,
         "vitexp.models.CCT": CCT,
         "vitexp.models.cct.CCT": CCT,
+        # timm's models, by name (model=timm): the builder refuses arguments that read files.
+        "vitexp.models.timm_model": timm_model,
+        "vitexp.models.timm_models.timm_model": timm_model,
     }
     assert expected == MODEL_REGISTRY
 

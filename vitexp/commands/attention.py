@@ -63,8 +63,8 @@ def attention_figure(
         raise ConfigError("give either image=FILE (or a list) or index=N (or a list), not both or neither")
     trained = as_trained(checkpoint, device)
     if not has_attention_maps(trained.model):
-        kind = type(trained.model).__name__
-        raise ConfigError(f"{trained.path.name}: attention maps are drawn for ViT models, not {kind}")
+        kind = f"{type(trained.model).__module__.split('.')[0]}'s {type(trained.model).__name__}"
+        raise ConfigError(f"{trained.path.name}: attention maps are drawn for vitexp's ViTs, not {kind}")
     labels = None
     if images:
         pictures = load_images(images, trained.in_channels, trained.img_size)

@@ -50,13 +50,13 @@ class ExportMismatchError(RuntimeError):
 
 def export_metadata(trained: TrainedModel) -> dict[str, Any]:
     """What a consumer of the exported file needs to feed it and read its output."""
-    dataset = trained.config["dataset"]
     return {
         "input": "images",
         "output": "logits",
-        "input_shape": ["batch", trained.in_channels, *trained.model.img_size],
-        "mean": list(dataset["mean"]),
-        "std": list(dataset["std"]),
+        "input_shape": ["batch", trained.in_channels, *trained.img_size],
+        "mean": trained.inputs["mean"],
+        "std": trained.inputs["std"],
+        "interpolation": trained.inputs["interpolation"],
         "pixel_scale": "divide 0..255 pixels by 255, then subtract mean and divide by std per channel",
         "classes": trained.classes,
         "checkpoint": str(trained.path),
@@ -142,7 +142,7 @@ def check_export(
         images = torch.randint(
             0,
             256,
-            (batch, trained.in_channels, *trained.model.img_size),
+            (batch, trained.in_channels, *trained.img_size),
             dtype=torch.uint8,
             generator=generator,
         )
@@ -180,7 +180,7 @@ def export_checkpoint(
     path.parent.mkdir(parents=True, exist_ok=True)
     # Batch 2 for tracing: a batch of 1 could be specialised into the graph as a constant.
     example = trained.transform.eval(
-        torch.randint(0, 256, (2, trained.in_channels, *trained.model.img_size), dtype=torch.uint8)
+        torch.randint(0, 256, (2, trained.in_channels, *trained.img_size), dtype=torch.uint8)
     )
     meta = json.dumps(export_metadata(trained))
     if fmt == "onnx":

@@ -309,11 +309,13 @@ def quiet_rank() -> None:
 
 def log_start(run: Run, ctx: RunContext, total_steps: int) -> None:
     n_params = sum(p.numel() for p in run.model.parameters())
+    trainable = sum(p.numel() for p in run.model.parameters() if p.requires_grad)
     t = run.trainer
     where = f"{run.world.size} processes × {run.device.type}" if run.world.distributed else str(run.device)
     log.info(
-        "%.2fM params | %d train / %d %s images | %d epochs × %d steps × %d images | %s, %s | %s",
-        n_params / 1e6, len(run.train_split), len(run.eval_split), run.eval_name,
+        "%.2fM params, %.2fM trainable | %d train / %d %s images | %d epochs × %d steps × %d images | "
+        "%s, %s | %s",
+        n_params / 1e6, trainable / 1e6, len(run.train_split), len(run.eval_split), run.eval_name,
         max_epochs(run, total_steps), run.steps_per_epoch, t.batch_size, where, t.precision, ctx.run_dir,
     )  # fmt: skip
 

@@ -111,6 +111,7 @@ def write_records(
         "wall_seconds": round(time.time() - started, 2),
         "images_per_sec": round(images_per_sec, 1),
         "params": n_params,
+        "trainable_params": sum(param.numel() for param in run.model.parameters() if param.requires_grad),
         "device": str(run.device),
         "world_size": run.world.size,
         "precision": t.precision,
