@@ -15,12 +15,12 @@ import torch
 
 from tests.helpers import REPO, compose_cfg, run_cli
 from tests.test_weights_sources import fill_hub_cache, hub_cache  # noqa: F401 (a fixture)
+from vitexp.commands.evaluate import evaluate_checkpoint
+from vitexp.commands.export import export_checkpoint
+from vitexp.commands.predict import predict_images
 from vitexp.errors import ConfigError, DataError
-from vitexp.evaluate import evaluate_checkpoint
-from vitexp.export import export_checkpoint
 from vitexp.inference import load_trained
 from vitexp.models import build_model, build_stored_model
-from vitexp.predict import predict_images
 from vitexp.training import train
 from vitexp.training.checkpoint import load_checkpoint
 
