@@ -1,5 +1,6 @@
 """What the tests share: composing configs as the CLI does, running the CLI, a tiny model,
-reading a run's records back, and losses that inject faults through the loop's seam."""
+reading a run's records back, and losses that inject faults (a NaN, a signal) through the
+loop's seam."""
 
 from __future__ import annotations
 
@@ -89,6 +90,24 @@ class NanAtStep(nn.Module):
         self.calls += 1
         loss = self.loss(logits, target)
         return loss * float("nan") if self.calls == self.step else loss
+
+
+class SignalAtStep(nn.Module):
+    """Cross-entropy that sends its own process `signum` as it computes the `step`-th training
+    loss (1-based): SIGKILL dies there, mid-step, after the checkpoint before it; SIGTERM is
+    noted by the run's preemption guard, which stops at the end of that step. Used through
+    tests/signal_at_step.py, so a test interrupts a run at a known step, never polling."""
+
+    def __init__(self, step: int, signum: int, label_smoothing: float = 0.0) -> None:
+        super().__init__()
+        self.step, self.signum, self.calls = step, signum, 0
+        self.loss = nn.CrossEntropyLoss(label_smoothing=label_smoothing)
+
+    def forward(self, logits: Tensor, target: Tensor) -> Tensor:
+        self.calls += 1
+        if self.calls == self.step:
+            os.kill(os.getpid(), self.signum)
+        return self.loss(logits, target)
 
 
 def assert_final_is_last_checkpoint(run_dir: Path) -> dict:

@@ -35,6 +35,7 @@ def test_table_is_markdown():
     assert lines[0].startswith("| a ") and set(lines[1]) <= {"|", "-"} and len(lines) == 4
 
 
+@pytest.mark.slow
 def test_step_vs_timm_reports_ratios_for_every_precision():
     results = step_vs_timm.run(shape="tiny", repeats=1, steps=1, optimizer_repeats=1, channels_last=True)
     assert {"for-loop", "foreach"} <= set(results["optimizer_step_ms"])
@@ -80,6 +81,7 @@ def test_data_path_baseline_yields_the_same_batches_as_torchvision_would(cifar_r
     assert n == 3 and epoch() == 3
 
 
+@pytest.mark.slow
 def test_epoch_overhead_splits_the_epoch_into_phases(cifar_root):
     results = epoch_overhead.run(
         root=cifar_root, shape="tiny", max_steps=3, ab=True, trivialaugment=True, mixup=True
@@ -103,6 +105,7 @@ def test_flop_counts_include_attention_and_match_the_closed_form():
     assert 2.9 < train / forward < 3.1
 
 
+@pytest.mark.slow
 def test_flops_reports_fractions_of_the_measured_peak():
     results = flops.run(shapes=("tiny",), matmul_size=64, repeats=1, steps=1, batch_sizes={"tiny": 4})
     entry = results["shapes"]["tiny"]
@@ -113,6 +116,7 @@ def test_flops_reports_fractions_of_the_measured_peak():
     assert "fraction of peak" in flops.report(results)
 
 
+@pytest.mark.slow
 def test_scripts_run_from_the_command_line(tmp_path):
     # As a user runs them: `python benchmarks/NAME.py ...`, with the results also as JSON.
     out = tmp_path / "flops.json"
@@ -138,6 +142,7 @@ def test_scripts_run_from_the_command_line(tmp_path):
     assert out.is_file()
 
 
+@pytest.mark.slow
 def test_mains_run_quick(cifar_root, capsys):
     step_vs_timm.main(["--quick", "--shape", "tiny", "--precision", "fp32"])
     data_path.main(["--quick", "--root", str(cifar_root), "--workers", "0", "--batch-size", "16"])
@@ -169,6 +174,7 @@ def test_compiled_model_trains_like_the_eager_one_on_the_cpu():
         torch.testing.assert_close(b.grad, a.grad, atol=1e-5, rtol=1e-4, msg=name)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("row", list(ablation.ROWS))
 def test_every_ablation_row_composes_and_builds(row):
     """A typo in a row would only show after an hour of the other rows: compose each now."""
@@ -204,6 +210,7 @@ def test_budget_curve_plans_the_presets_seeds_at_ten_minutes_and_one_elsewhere()
     assert more == [("timm_vit", 600.0, 3), ("timm_vit", 600.0, 4), ("timm_vit", 300.0, 0)]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("recipe", list(budget_curve.RECIPES))
 def test_every_budget_curve_recipe_builds_the_model_it_names(recipe):
     from hydra import compose, initialize_config_dir
@@ -219,6 +226,7 @@ def test_every_budget_curve_recipe_builds_the_model_it_names(recipe):
     assert type(model).__module__.startswith(expected)
 
 
+@pytest.mark.slow
 def test_budget_curve_trains_each_recipe_reads_its_summary_and_draws(tmp_path, cifar_root):
     # Two optimizer steps per point: the loop, the summary and the figure, not the accuracy.
     quick = ["trainer.max_steps=2", "trainer.batch_size=32", "trainer.eval_batch_size=100"]
@@ -254,6 +262,7 @@ def test_budget_curve_table_and_medians_over_seeds():
     assert lines[3] == "| `timm_vit` | 2.5 min | 1 | 40.0% | 40.0 | — | 3 | 300 | 0.10 |"
 
 
+@pytest.mark.slow
 def test_gpu_check_runs_on_the_cpu_and_writes_its_table(tmp_path):
     from benchmarks import gpu_check
 

@@ -4,6 +4,7 @@ handler for every command (exit codes, one line, tracebacks only for bugs)."""
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
 import re
 import subprocess
@@ -14,10 +15,11 @@ from typing import Any
 import pytest
 from hydra.core.config_store import ConfigStore
 
-from tests.helpers import REPO, TINY_MODEL, run_cli
-from vitexp.cli import check_command_line
+from tests.helpers import REPO, TINY_MODEL, compose_cfg, run_cli
+from vitexp.cli import check_command_line, run_job
 from vitexp.config import TrainerConfig, validate
 from vitexp.errors import ConfigError, DataError, TrainingDiverged
+from vitexp.training import train
 
 RUN = ["dataset=fake", "model.img_size=16", *TINY_MODEL, "trainer.batch_size=32", "trainer.max_steps=1",
        "trainer.progress=false", "trainer.sample_figures=false"]  # fmt: skip
@@ -257,6 +259,7 @@ MESSAGES = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("kind", "code"), [("data", 3), ("diverged", 4)])
 def test_cli_vitexp_errors_end_in_one_line_and_their_exit_code(kind, code, tmp_path):
     result = run_cli(*RUN, *FAILING, f"+scheduler.error={kind}", f"hydra.run.dir={tmp_path}")
@@ -266,6 +269,33 @@ def test_cli_vitexp_errors_end_in_one_line_and_their_exit_code(kind, code, tmp_p
     assert line.endswith(f"error: {MESSAGES[kind]}")
 
 
+@pytest.mark.parametrize(("kind", "code"), [("data", 3), ("diverged", 4)])
+def test_vitexp_errors_inside_a_job_are_one_line_and_their_exit_code(
+    kind, code, tmp_path, caplog, monkeypatch
+):
+    """What the command does with an error its run raises (`cli.run_job`, the handler
+    `python -m vitexp` runs the job under), in this process; the tests above go through the
+    command line (test-all)."""
+    monkeypatch.delenv("VITEXP_DEBUG", raising=False)
+    monkeypatch.delenv("HYDRA_FULL_ERROR", raising=False)
+    cfg = compose_cfg([*RUN, *FAILING, f"+scheduler.error={kind}"], run_dir=tmp_path / "run")
+    with caplog.at_level(logging.ERROR), pytest.raises(SystemExit) as stop:
+        run_job(train, cfg)
+    assert stop.value.code == code
+    (record,) = [r for r in caplog.records if r.levelno >= logging.ERROR]
+    assert record.getMessage() == f"error: {MESSAGES[kind]}" and record.exc_info is None
+
+
+def test_a_bug_inside_a_job_keeps_its_traceback(tmp_path, monkeypatch):
+    """In this process, as test_cli_a_bug_keeps_its_traceback through the command line: the
+    handler lets a bug propagate as it is (Python prints its traceback), not as a user error."""
+    monkeypatch.delenv("VITEXP_DEBUG", raising=False)
+    cfg = compose_cfg([*RUN, *FAILING, "+scheduler.error=bug"], run_dir=tmp_path / "run")
+    with pytest.raises(RuntimeError, match=r"^simulated bug in a schedule$"):
+        run_job(train, cfg)
+
+
+@pytest.mark.slow
 def test_cli_debug_shows_the_traceback_of_user_errors_too(tmp_path):
     before = run_cli("trainer.grad_clip=-1", env={"VITEXP_DEBUG": "1"})
     assert before.returncode == 2 and "Traceback" in before.stderr
@@ -279,6 +309,7 @@ def test_cli_debug_shows_the_traceback_of_user_errors_too(tmp_path):
     )
 
 
+@pytest.mark.slow
 def test_cli_a_bug_keeps_its_traceback(tmp_path):
     result = run_cli(*RUN, *FAILING, "+scheduler.error=bug", f"hydra.run.dir={tmp_path}")
     assert result.returncode == 1
@@ -286,6 +317,7 @@ def test_cli_a_bug_keeps_its_traceback(tmp_path):
     assert not error_lines(result)  # not dressed up as a user error
 
 
+@pytest.mark.sweep
 def test_cli_multirun_records_a_bug_and_goes_on(tmp_path):
     sweep = tmp_path / "sweep"
     result = run_cli("-m", *RUN, *FAILING, "+scheduler.error=bug,none", f"hydra.sweep.dir={sweep}")
@@ -297,6 +329,7 @@ def test_cli_multirun_records_a_bug_and_goes_on(tmp_path):
     assert "error: 1 of 2 jobs failed (0)" in result.stderr
 
 
+@pytest.mark.sweep
 def test_cli_multirun_records_a_user_error_in_one_line(tmp_path):
     sweep = tmp_path / "sweep"
     result = run_cli("-m", *RUN, *FAILING, "+scheduler.error=none,data", f"hydra.sweep.dir={sweep}")

@@ -182,6 +182,7 @@ def test_wheel_carries_the_configs(tmp_path):
     )
 
 
+@pytest.mark.slow
 def test_model_group_instantiates_on_meta_for_each_size():
     from vitexp.models import build_model
 

@@ -268,6 +268,7 @@ def test_cvt_parameter_counts_equal_transformers():
     assert _count(ours_13) == 19_997_480
 
 
+@pytest.mark.slow
 def test_cvt_logits_match_transformers_after_import(hf_cvt, tmp_path):
     hf_cvt.save_pretrained(tmp_path / "cvt-13")  # a save_pretrained folder, as from the Hub
     ours = CvT(num_classes=2).eval()
@@ -308,6 +309,7 @@ def test_cvt_without_class_token_matches_transformers_mean_pooling():
         _assert_same(ours.eval()(x), expected)
 
 
+@pytest.mark.slow
 def test_cvt_rgb_weights_serve_grayscale_images_exactly(hf_cvt, tmp_path):
     torch.save(hf_cvt.state_dict(), tmp_path / "cvt.bin")
     ours = CvT(num_classes=2, in_channels=1).eval()
@@ -498,6 +500,7 @@ def test_forward_backward_reaches_every_parameter(family):
     assert model.no_weight_decay() <= dict(model.named_parameters()).keys()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", CONV_MODELS)
 def test_every_config_builds_with_the_right_output_shape(name):
     cfg = compose_cfg([f"model={name}", "dataset=fake"])
@@ -514,6 +517,7 @@ DATASETS = sorted(p.stem for p in (conf_dir() / "dataset").glob("*.yaml"))
 OPTIMIZERS = sorted(p.stem for p in (conf_dir() / "optimizer").glob("*.yaml"))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["vit_r50_b16", "cvt_cifar", "cct_7_3x1"])
 def test_each_family_composes_with_every_dataset_and_optimizer(name):
     for index, dataset in enumerate(DATASETS):
@@ -540,6 +544,7 @@ SMALL_HYBRID = ["model.img_size=32", "model.resnet_layers=[1]", "model.hidden_si
 SMALL_CVT = ["model.hidden_size=[16,32,64]", "model.num_heads=[1,2,4]", "model.num_layers=[1,1,1]"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("name", "overrides"), [("vit_r50_b16", SMALL_HYBRID), ("cvt_cifar", SMALL_CVT), ("cct_2_3x2", [])]
 )
@@ -555,6 +560,7 @@ def test_own_checkpoints_round_trip_through_build_model(name, overrides, tmp_pat
         _assert_same(loaded.eval()(x), source(x))
 
 
+@pytest.mark.slow
 def test_weights_of_another_family_or_format_are_refused_in_one_line(hf_cvt, tmp_path):
     torch.save(hf_cvt.state_dict(), tmp_path / "cvt.bin")
     with pytest.raises(ConfigError, match=r"cvt\.bin holds CvT weights, not CCT weights") as err:
@@ -568,6 +574,7 @@ def test_weights_of_another_family_or_format_are_refused_in_one_line(hf_cvt, tmp
         load_pretrained(_tiny_cvt(), tmp_path / "cvt.bin")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("name", "overrides"),
     [("cct_2_3x2", []), ("cvt_cifar", SMALL_CVT)],

@@ -417,6 +417,7 @@ def test_class_token_dropped_for_gap_model(timm_model: nn.Module, tmp_path: Path
     assert torch.equal(ours.embeddings.position_embeddings.detach(), timm_model.pos_embed.detach()[:, 1:])
 
 
+@pytest.mark.slow
 def test_gap_checkpoint_gives_gap_logits(tmp_path: Path) -> None:
     # fc_norm=False: timm then normalises the tokens before pooling, as our 'gap' model does.
     source = _timm(class_token=False, global_pool="avg", fc_norm=False)
@@ -440,6 +441,7 @@ def test_gap_checkpoint_into_token_model_keeps_fresh_class_token(tmp_path: Path)
     assert torch.equal(pos[:, 1:], source.pos_embed.detach())
 
 
+@pytest.mark.slow
 def test_class_token_without_position_gives_timm_logits(tmp_path: Path) -> None:
     source = _timm(no_embed_class=True)  # timm adds no position to the class token
     assert source.pos_embed.shape[1] == (IMG // PATCH) ** 2
@@ -453,6 +455,7 @@ def test_class_token_without_position_gives_timm_logits(tmp_path: Path) -> None:
 # --- classifier ----------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_head_for_other_classes_is_replaced(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     source = _timm(num_classes=1000)
     torch.save(source.state_dict(), tmp_path / "in1k.pth")
@@ -489,6 +492,7 @@ def test_pre_logits_and_head_dropped_when_model_has_no_pre_logits(
     assert torch.equal(ours.head.weight.detach(), fresh_head)
 
 
+@pytest.mark.slow
 def test_head_dropped_for_feature_extractor(timm_model: nn.Module) -> None:
     ours = _ours(num_classes=0)
     load_converted(ours, convert_timm(timm_model.state_dict()))
@@ -497,6 +501,7 @@ def test_head_dropped_for_feature_extractor(timm_model: nn.Module) -> None:
         _assert_same(ours(x), timm_model.forward_head(timm_model.forward_features(x), pre_logits=True))
 
 
+@pytest.mark.slow
 def test_rgb_weights_for_grayscale_model(timm_model: nn.Module) -> None:
     ours = _ours(in_channels=1)
     load_converted(ours, convert_timm(timm_model.state_dict()))

@@ -145,6 +145,7 @@ def test_persistent_workers_serve_every_epoch_with_the_same_batches(tmp_path):
     assert not workers & {p.pid for p in multiprocessing.active_children()}
 
 
+@pytest.mark.slow
 def test_resume_on_an_image_folder_with_persistent_workers_is_exact(tmp_path):
     """Through the training loop: a 3-epoch run whose workers (train and eval) serve every
     epoch, against a resume from its epoch-1 checkpoint with workers started afresh, random

@@ -75,6 +75,7 @@ def assert_same_curve(run_dir: Path, reference: Path) -> None:
         assert a["val/loss"] == pytest.approx(b["val/loss"], rel=1e-5)
 
 
+@pytest.mark.ddp
 @pytest.mark.parametrize("accumulation", [1, 2])
 def test_two_gloo_processes_train_like_one_with_the_same_global_batch(single, tmp_path, accumulation):
     """Same loss at every step (to 1e-5) and the same eval metrics: with 2 accumulation steps
@@ -97,6 +98,7 @@ def test_two_gloo_processes_train_like_one_with_the_same_global_batch(single, tm
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5, msg=key)
 
 
+@pytest.mark.ddp
 def test_only_rank_0_writes_and_all_ranks_share_one_run_dir(tmp_path):
     """No hydra.run.dir given: each process composes Hydra's outputs/DATE/TIME itself, and they
     must land in one directory, written once (one metrics row per step, one W&B run)."""
@@ -114,7 +116,7 @@ def test_only_rank_0_writes_and_all_ranks_share_one_run_dir(tmp_path):
     assert result.stdout.count("epoch 1/1 |") + result.stderr.count("epoch 1/1 |") == 1  # rank 0 reports
 
 
-@pytest.mark.slow  # ~15-20 s; DDP equality of a plain run stays in the default suite
+@pytest.mark.ddp
 def test_resume_under_ddp_restores_every_ranks_random_streams(tmp_path):
     """Dropout and augmentation draw per rank; resuming from the epoch-1 checkpoint must give
     the same second epoch, bitwise, as the uninterrupted 2-process run."""
@@ -137,7 +139,8 @@ def test_resume_under_ddp_restores_every_ranks_random_streams(tmp_path):
     assert all(torch.equal(ours[k], theirs[k]) for k in theirs)
 
 
-@pytest.mark.slow  # ~15-20 s; DDP equality of a plain run stays in the default suite
+@pytest.mark.ddp
+@pytest.mark.signals
 def test_sigterm_under_ddp_checkpoints_mid_epoch_and_resumes_exactly(tmp_path):
     """The signal reaches the ranks at different moments; they agree at the next log point,
     rank 0 writes the mid-epoch checkpoint, all exit (status 75), and the resumed
@@ -302,6 +305,7 @@ def test_submitits_requeue_signal_checkpoints_first_then_reaches_its_handler():
         signal.signal(signal.SIGUSR2, previous)
 
 
+@pytest.mark.slow
 def test_a_requeued_slurm_job_resumes_its_run(tmp_path, monkeypatch):
     from tests.helpers import compose_cfg
     from vitexp.training import train

@@ -7,6 +7,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
+
 from tests.helpers import compose_cfg, rows
 from vitexp.commands.evaluate import evaluate_checkpoint
 from vitexp.training import train
@@ -16,6 +18,7 @@ CHECKPOINT = FIXTURES / "format1_digits_step15.pt"
 RECORD = json.loads((FIXTURES / "format1_digits_step15.json").read_text())
 
 
+@pytest.mark.slow
 def test_resuming_a_format_1_checkpoint_continues_the_same_run(tmp_path):
     run_dir = tmp_path / "run"
     cfg = compose_cfg([*RECORD["overrides"], f"trainer.resume={CHECKPOINT}"], run_dir=run_dir)

@@ -112,6 +112,7 @@ def test_fp16_skipping_makes_no_collective_of_its_own():
                    iter([(torch.randn(8, 4), torch.randint(0, 3, (8,)))]))  # fmt: skip
 
 
+@pytest.mark.slow
 def test_deterministic_algorithms_on_request(cfg_factory, tmp_path):
     try:
         cfg = cfg_factory(*FAST, "trainer.max_steps=3", "trainer.deterministic=true")
@@ -130,6 +131,7 @@ def test_deterministic_algorithms_on_request(cfg_factory, tmp_path):
         configure_backends(torch.device("cpu"), deterministic=False)
 
 
+@pytest.mark.slow
 def test_a_gpu_checkpoint_resumes_on_the_cpu(cfg_factory, tmp_path, caplog):
     """A CUDA generator's 16-byte state cannot go into a CPU generator (torch raises). The run
     continues: the epoch in progress in its saved order, later draws from the seed and step."""

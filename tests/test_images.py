@@ -248,6 +248,7 @@ def test_training_evaluation_and_predict_feed_the_model_the_same_tensor(folder_a
     assert torch.equal(x, predicted[order])
 
 
+@pytest.mark.slow
 def test_attention_and_the_train_end_grid_see_the_same_tensor(folder_and_model, tmp_path, monkeypatch):
     data, trained = folder_and_model
     predicted = _predict_inputs(trained, data.test.paths)

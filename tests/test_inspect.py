@@ -445,6 +445,7 @@ def test_export_torchscript_matches_pytorch_with_any_batch(token_ckpt, tmp_path)
             assert (loaded(x) - trained.model(x)).abs().max() <= 1e-4
 
 
+@pytest.mark.slow
 def test_export_onnx_matches_pytorch_with_any_batch(gap_ckpt, tmp_path):
     ort = pytest.importorskip("onnxruntime")
     pytest.importorskip("onnxscript")

@@ -120,6 +120,7 @@ def test_bad_values_pass_through_as_the_constructors_config_errors() -> None:
     assert str(error.value) == "drop_path_rate=1.5 must be in [0, 1)"
 
 
+@pytest.mark.slow
 def test_cli_reports_a_misspelt_model_setting_in_one_line(tmp_path: Path) -> None:
     result = run_cli("+model.hiden_size=32", "dataset=digits", f"hydra.run.dir={tmp_path}", timeout=120)
     assert result.returncode == 2, result.stderr[-2000:]

@@ -4,11 +4,9 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -40,24 +38,14 @@ def curve(run_dir: Path) -> tuple[list, list]:
     return losses, evals
 
 
-def start(run_dir: Path, *extra: str) -> subprocess.Popen:
-    env = {**os.environ, "WANDB_MODE": "offline", "PYTHONUNBUFFERED": "1"}
-    return subprocess.Popen(
-        [sys.executable, "-m", "vitexp", *RESUMABLE, *extra, f"hydra.run.dir={run_dir}"],
-        cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-    )  # fmt: skip
-
-
-def wait_for_step(proc: subprocess.Popen, run_dir: Path, step: int, timeout: float = 120) -> None:
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if proc.poll() is not None:
-            pytest.fail(f"the run ended before step {step}:\n{proc.stdout.read()[-3000:]}")
-        metrics = run_dir / "metrics.jsonl"
-        if metrics.is_file() and any(f'"step": {step},' in line for line in metrics.read_text().splitlines()):
-            return
-        time.sleep(0.002)
-    pytest.fail(f"no step {step} within {timeout} s")
+def run_signalled(
+    run_dir: Path, step: int, name: str, *extra: str, env: dict | None = None
+) -> subprocess.CompletedProcess:
+    """The command `python -m vitexp RESUMABLE... EXTRA`, whose process sends itself SIG<name>
+    while it computes training step `step`'s loss (tests/signal_at_step.py): a run interrupted
+    at a known step, not wherever a poll of its metrics.jsonl happened to notice it."""
+    args = (str(step), name, *RESUMABLE, *extra, f"hydra.run.dir={run_dir}")
+    return run_cli(*args, module="tests.signal_at_step", env=env)
 
 
 @pytest.fixture(scope="module")
@@ -80,47 +68,49 @@ def assert_same_run(run_dir: Path, reference: Path) -> None:
     assert summary["final"] == ref_summary["final"] and summary["best"] == ref_summary["best"]
 
 
+@pytest.mark.signals
 def test_sigkill_mid_epoch_then_resume_matches_an_uninterrupted_run(reference, tmp_path):
     run_dir = tmp_path / "run"
-    proc = start(run_dir)
-    wait_for_step(proc, run_dir, 42)  # epoch 2, after the step-40 checkpoint
-    proc.kill()
-    proc.wait()
-    assert not (run_dir / "summary.json").exists(), "the run finished before it was killed"
-    ckpt = load_checkpoint(run_dir / "last.pt")
-    assert (
-        ckpt["progress"]["epoch"] == 2
-        and 0 < ckpt["progress"]["step_in_epoch"] < 32
-        and not ckpt["progress"]["epoch_complete"]
-    )
+    killed = run_signalled(run_dir, 43, "KILL")  # mid-epoch 2, three steps after the step-40 checkpoint
+    assert killed.returncode == -signal.SIGKILL, killed.stdout[-3000:] + killed.stderr[-3000:]
+    assert not (run_dir / "summary.json").exists()
+    assert max(r["step"] for r in rows(run_dir)) == 42  # step 43 never ended
+    progress = load_checkpoint(run_dir / "last.pt")["progress"]
+    assert (progress["global_step"], progress["epoch"], progress["step_in_epoch"]) == (40, 2, 8)
+    assert not progress["epoch_complete"]
     resumed = run_cli(*RESUMABLE, f"hydra.run.dir={run_dir}", "trainer.resume=auto")
     assert resumed.returncode == 0, resumed.stdout[-3000:]
     assert "resuming from" in resumed.stdout
     assert_same_run(run_dir, reference)
 
 
+@pytest.mark.signals
+@pytest.mark.wandb
 def test_sigterm_checkpoints_at_the_step_boundary_and_says_how_to_resume(reference, tmp_path):
     """Also with W&B (offline): the resumed run continues the same W&B run id."""
     run_dir = tmp_path / "run"
-    proc = start(run_dir, "logger=wandb")
-    wait_for_step(proc, run_dir, 10)
-    proc.send_signal(signal.SIGTERM)
-    output = proc.communicate(timeout=60)[0]
-    assert proc.returncode == EXIT_PREEMPTED, output[-3000:]
+    offline = {"WANDB_MODE": "offline"}
+    stopped = run_signalled(run_dir, 10, "TERM", "logger=wandb", env=offline)
+    output = stopped.stdout + stopped.stderr
+    assert stopped.returncode == EXIT_PREEMPTED, output[-3000:]
     assert "SIGTERM received" in output and "Resume with: python -m vitexp" in output
     ckpt = load_checkpoint(run_dir / "last.pt")
-    assert ckpt["progress"]["global_step"] >= 10 and not ckpt["progress"]["epoch_complete"]
+    # The step the signal arrived in ends, is checkpointed, and is the last.
+    assert ckpt["progress"]["global_step"] == 10 and not ckpt["progress"]["epoch_complete"]
+    assert max(r["step"] for r in rows(run_dir)) == 10
     command = output.split("Resume with: ")[1].splitlines()[0]
     assert f"hydra.run.dir={run_dir}" in command and command.endswith("trainer.resume=auto")
     wandb_id = ckpt["logger_ids"]["wandb"]
-    resumed = run_cli(*RESUMABLE, "logger=wandb", f"hydra.run.dir={run_dir}", "trainer.resume=auto",
-                      env={"WANDB_MODE": "offline"})  # fmt: skip
+    resumed = run_cli(
+        *RESUMABLE, "logger=wandb", f"hydra.run.dir={run_dir}", "trainer.resume=auto", env=offline
+    )
     assert resumed.returncode == 0, resumed.stdout[-3000:]
     assert_same_run(run_dir, reference)
     runs = sorted((run_dir / "wandb").glob("offline-run-*"))
     assert len(runs) == 2 and all(r.name.endswith(f"-{wandb_id}") for r in runs)
 
 
+@pytest.mark.slow
 def test_resume_from_a_checkpoint_path_into_a_new_run_dir(reference, tmp_path):
     """trainer.resume=PATH continues from any checkpoint (the reference's epoch-1 file here)
     in a new run dir, which then logs only what it trained."""
@@ -133,6 +123,7 @@ def test_resume_from_a_checkpoint_path_into_a_new_run_dir(reference, tmp_path):
     assert min(r["step"] for r in rows(run_dir)) == 33
 
 
+@pytest.mark.slow
 def test_resume_auto_of_a_finished_run_trains_nothing(reference, tmp_path):
     import shutil
 
@@ -230,6 +221,7 @@ def test_resume_from_another_architecture_names_the_key_and_shapes(cfg_factory, 
     assert "\n" not in str(e.value)
 
 
+@pytest.mark.slow
 def test_resume_a_run_cut_short_by_max_steps_to_a_longer_one(cfg_factory):
     """The first run ends after 4 of the epoch's 16 steps; continued to 7 steps (a change it
     must be allowed), it trains 3 more in a new epoch and ends, instead of looping over
@@ -278,6 +270,7 @@ def test_nonfinite_loss_stops_naming_the_step_and_the_last_good_checkpoint(cfg_f
     assert all(torch.isfinite(v).all() for v in ckpt["model"].values())
 
 
+@pytest.mark.slow
 def test_nonfinite_loss_can_skip_the_step(cfg_factory, caplog):
     cfg = cfg_factory(*FAST, "trainer.max_steps=8", "trainer.on_nonfinite=skip", "trainer.log_every_steps=1")
     with caplog.at_level(logging.WARNING, logger="vitexp.training"):
@@ -323,6 +316,7 @@ def _image_folder(root: Path, broken: bool = False) -> Path:
     return root
 
 
+@pytest.mark.slow
 def test_imagefolder_trains_through_workers(cfg_factory, tmp_path):
     root = _image_folder(tmp_path / "images")
     cfg = cfg_factory(
@@ -354,6 +348,7 @@ def test_unreadable_image_fails_naming_the_file(cfg_factory, tmp_path):
     assert "\n" not in str(e.value)
 
 
+@pytest.mark.slow
 def test_unreadable_image_can_be_skipped_with_a_warning(cfg_factory, tmp_path, caplog):
     root = _image_folder(tmp_path / "images", broken=True)
     cfg = cfg_factory("dataset=imagefolder", f"dataset.root={root}", "dataset.num_classes=2", *TINY_RUN,

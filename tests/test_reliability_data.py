@@ -440,6 +440,7 @@ def test_the_shards_command_never_overwrites_a_users_files(tmp_path):
             check_out(given)
 
 
+@pytest.mark.slow
 def test_overwrite_replaces_only_what_a_conversion_wrote(tmp_path):
     def split(n: int) -> Split:
         return Split(torch.zeros(n, 3, 4, 4, dtype=torch.uint8), torch.zeros(n, dtype=torch.long))

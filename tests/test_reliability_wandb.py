@@ -58,6 +58,7 @@ def _warnings(caplog: pytest.LogCaptureFixture) -> list[str]:
     ]
 
 
+@pytest.mark.wandb
 def test_unreachable_server_run_finishes_offline(tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
     result = run_cli(
@@ -85,6 +86,7 @@ def test_unreachable_server_run_finishes_offline(tmp_path: Path) -> None:
     assert Path(sync[1]).name.startswith("offline-run-") and list(Path(sync[1]).glob("run-*.wandb"))
 
 
+@pytest.mark.wandb
 def test_silent_server_times_out_and_logs_offline(
     silent_server: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:

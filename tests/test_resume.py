@@ -50,6 +50,7 @@ def continued(finished: Path, tmp_path: Path) -> Path:
     return run_dir
 
 
+@pytest.mark.slow
 def test_a_changed_weight_decay_is_the_optimizers_after_resume(finished, tmp_path):
     run_dir = continued(finished, tmp_path)
     before = load_checkpoint(run_dir / "last.pt")["optimizer"]["param_groups"]
@@ -89,6 +90,7 @@ def test_the_seed_cannot_change_in_the_middle_of_a_run(finished, tmp_path):
     assert "not even with trainer.resume_allow_changes" in str(e.value) and "\n" not in str(e.value)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("how", ["auto", "path"])
 def test_extending_a_finished_run_stretches_the_schedule_and_says_so(finished, tmp_path, caplog, how):
     """Two epochs continued to four: the warmup-cosine schedule is recomputed for 64 steps

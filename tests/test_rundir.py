@@ -22,6 +22,7 @@ FAST = ["dataset=fake", *TINY_MODEL, "model.img_size=16", "trainer.batch_size=64
         "trainer.sample_figures=false", "trainer.max_epochs=1"]  # fmt: skip
 
 
+@pytest.mark.slow
 def test_a_fresh_run_into_a_finished_run_stops_and_leaves_it_alone(cfg_factory):
     cfg = cfg_factory(*FAST)
     train(cfg)
@@ -36,6 +37,7 @@ def test_a_fresh_run_into_a_finished_run_stops_and_leaves_it_alone(cfg_factory):
     assert after == before
 
 
+@pytest.mark.slow
 def test_overwrite_replaces_the_old_records(cfg_factory):
     cfg = cfg_factory(*FAST)
     train(cfg)
@@ -45,6 +47,7 @@ def test_overwrite_replaces_the_old_records(cfg_factory):
     assert steps == sorted(set(steps))  # one run's rows, not two interleaved
 
 
+@pytest.mark.slow
 def test_resume_auto_after_a_run_that_died_before_its_first_checkpoint(cfg_factory):
     cfg = cfg_factory(*FAST, "trainer.resume=auto")
     run_dir = Path(cfg.run_dir)
@@ -54,6 +57,7 @@ def test_resume_auto_after_a_run_that_died_before_its_first_checkpoint(cfg_facto
     assert 9.0 not in [r.get("train/loss") for r in rows(run_dir)]
 
 
+@pytest.mark.slow
 def test_resume_from_another_folder_into_a_finished_run_is_refused(cfg_factory, tmp_path):
     first = cfg_factory(*FAST)
     train(first)
@@ -65,6 +69,7 @@ def test_resume_from_another_folder_into_a_finished_run_is_refused(cfg_factory, 
         train(second)
 
 
+@pytest.mark.slow
 def test_leftovers_of_an_interrupted_save_are_removed_at_start(cfg_factory, caplog):
     cfg = cfg_factory(*FAST)
     run_dir = Path(cfg.run_dir)

@@ -177,6 +177,7 @@ def test_every_sample_of_an_epoch_is_read_once_over_ranks_and_workers(numbered_s
             assert sorted(seen) == list(range(total))
 
 
+@pytest.mark.slow
 def test_worker_processes_and_a_mid_epoch_resume_replay_the_same_batches(numbered_shards):
     """2 ranks × 2 DataLoader workers (kept across epochs): two epochs with different shard
     orders and shuffles; then a fresh loader given the first loader's state replays epoch 2
@@ -204,6 +205,7 @@ def test_worker_processes_and_a_mid_epoch_resume_replay_the_same_batches(numbere
             )
 
 
+@pytest.mark.slow
 def test_shards_match_the_in_memory_path_where_the_order_is_the_same(cifar, cifar_shards):
     """Test shards are written in order: their eval batches are the in-memory path's, bitwise.
     Training without a shuffle buffer reads the shards' samples in shard order: the in-memory
@@ -235,6 +237,7 @@ def test_shards_match_the_in_memory_path_where_the_order_is_the_same(cifar, cifa
 # --------------------------------------------------------------------------- Hugging Face
 
 
+@pytest.mark.slow
 def test_a_hugging_face_dataset_in_memory_by_index_and_streamed(cifar, cifar_hf):
     """In memory it is the CIFAR loader's Split, pixel for pixel; by index its batches are the
     in-memory ones; streamed over 2 ranks × 2 slots every test row is scored once."""
@@ -373,6 +376,7 @@ def _keep_every_checkpoint(folder: Path):
     return write
 
 
+@pytest.mark.slow
 def test_killed_mid_epoch_a_stream_resumes_with_the_same_batches(numbered_shards, tmp_path):
     """A run over shards with 2 workers and random crops, checkpointing every 4 steps; resuming
     from the mid-epoch checkpoint of step 8 (as after SIGKILL) gives the same losses and the
@@ -397,6 +401,7 @@ def test_killed_mid_epoch_a_stream_resumes_with_the_same_batches(numbered_shards
     ]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("source", ["wds", "hf"])
 def test_the_command_line_trains_on_converted_cifar_and_evaluates_all_500(
     source, cifar_root, cifar_hf, tmp_path
@@ -440,6 +445,7 @@ def _ddp_args(dataset: list[str], run_dir: Path) -> list[str]:
             "dataset.augment.rrc_scale=[0.5,1.0]", f"hydra.run.dir={run_dir}"]  # fmt: skip
 
 
+@pytest.mark.ddp
 def test_two_gloo_processes_with_two_workers_each_train_on_shards(numbered_shards, tmp_path):
     from tests.test_distributed import torchrun
 
@@ -457,7 +463,8 @@ def test_two_gloo_processes_with_two_workers_each_train_on_shards(numbered_shard
     assert report["acc1"] == json.loads((run_dir / "summary.json").read_text())["final"]["val/acc1"]
 
 
-@pytest.mark.slow
+@pytest.mark.ddp
+@pytest.mark.signals
 @pytest.mark.parametrize("source", ["wds", "hf"])
 def test_sigkill_under_ddp_and_resume_replays_the_stream_exactly(source, numbered_shards, tmp_path):
     """2 processes × 2 workers, killed with SIGKILL mid-epoch 2 (no chance to save): resuming
@@ -529,6 +536,7 @@ def test_sigkill_under_ddp_and_resume_replays_the_stream_exactly(source, numbere
     ]
 
 
+@pytest.mark.slow
 def test_the_decode_benchmark_reports_both_decoders(cifar_root, tmp_path):
     import subprocess
     import sys

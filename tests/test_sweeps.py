@@ -46,6 +46,7 @@ def overlap(a: tuple[float, float], b: tuple[float, float]) -> bool:
 # --------------------------------------------------------------------------- local_gpus (Ray)
 
 
+@pytest.mark.sweep
 @needs_ray
 def test_local_gpus_runs_two_cpu_jobs_at_once_and_reports_the_sweep(tmp_path):
     """The issue's command on a 2-core machine: 4 jobs, 2 at a time, 1 torch thread each."""
@@ -105,6 +106,7 @@ if __name__ == "__main__":
 """
 
 
+@pytest.mark.sweep
 @needs_ray
 def test_local_gpus_gives_each_job_its_gpu_and_a_dead_job_fails_alone(tmp_path):
     """Ray told of 2 GPUs (a CPU machine: CUDA is never started) runs 2 jobs at once and sets
@@ -150,7 +152,7 @@ def test_local_gpus_gives_each_job_its_gpu_and_a_dead_job_fails_alone(tmp_path):
     )
 
 
-@pytest.mark.slow  # ~12 s; a dead job failing alone stays in the default suite
+@pytest.mark.sweep
 @needs_ray
 def test_a_job_that_fails_in_python_is_reported_as_with_the_basic_launcher(tmp_path):
     sweep = tmp_path / "sweep"
@@ -214,6 +216,7 @@ def study_trials(sweep: Path) -> list:
     return optuna.load_study(study_name="digits_optuna", storage=storage).trials
 
 
+@pytest.mark.sweep
 @needs_optuna
 def test_an_interrupted_optuna_search_continues_to_n_trials_in_all(tmp_path):
     """Kill the search (SIGKILL, the whole process group) as its third trial trains; the same
@@ -273,6 +276,7 @@ def test_an_interrupted_optuna_search_continues_to_n_trials_in_all(tmp_path):
     assert len(study_trials(sweep)) == 4
 
 
+@pytest.mark.sweep
 @needs_optuna
 @needs_ray
 def test_optuna_trials_run_in_parallel_through_local_gpus(tmp_path):
@@ -306,6 +310,7 @@ def agent_command(sweep_config: dict, values: dict) -> list[str]:
     return expanded
 
 
+@pytest.mark.wandb
 def test_wandb_sweep_runs_python_m_vitexp_with_hydra_overrides(tmp_path):
     from vitexp.cli import check_command_line
     from vitexp.errors import ConfigError

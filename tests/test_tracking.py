@@ -35,6 +35,7 @@ def wandb_inspect(run_dir: Path, *flags: str) -> str:
     return result.stdout
 
 
+@pytest.mark.wandb
 def test_offline_wandb_run_reads_back_with_config_history_and_summary(tmp_path):
     run_dir = tmp_path / "run"
     result = run_cli(
@@ -66,6 +67,7 @@ def test_offline_wandb_run_reads_back_with_config_history_and_summary(tmp_path):
     assert [h["epoch"] for h in history if "val/acc1" in h] == [1, 2]
 
 
+@pytest.mark.wandb
 def test_disabled_wandb_leaves_no_wandb_files(tmp_path):
     run_dir = tmp_path / "run"
     result = run_cli(
@@ -158,6 +160,7 @@ def test_multirun_2x1_with_its_report(tmp_path):
         assert png.size[0] > 400 and len(set(png.convert("L").getdata())) > 10
 
 
+@pytest.mark.sweep
 def test_a_failing_job_is_reported_and_the_sweep_goes_on(tmp_path):
     sweep = tmp_path / "sweep"
     result = run_cli(
@@ -179,6 +182,7 @@ def test_report_of_a_folder_without_jobs_is_one_line(tmp_path):
     assert result.returncode == 2 and result.stderr.startswith("error: ") and result.stderr.count("\n") == 1
 
 
+@pytest.mark.sweep
 @pytest.mark.skipif(
     importlib.util.find_spec("optuna") is None, reason="optuna is not installed (pip install -e '.[sweep]')"
 )
@@ -230,6 +234,7 @@ def test_slurm_launcher_preset_composes():
 PRESETS = sorted(p.stem for p in experiments_dir().glob("*.yaml"))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", PRESETS)
 def test_every_preset_runs_with_tiny_overrides(name, cfg_factory, cifar_root, tmp_path):
     cfg = compose_cfg([f"experiment={name}"])

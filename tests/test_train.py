@@ -26,6 +26,7 @@ def read_jsonl(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines()]
 
 
+@pytest.mark.slow
 def test_one_epoch_on_digits_leaves_a_complete_run_dir(cfg_factory):
     cfg = cfg_factory("experiment=digits", "trainer.max_epochs=1", "trainer.progress=false")
     best = train(cfg)
@@ -49,6 +50,7 @@ def test_one_epoch_on_digits_leaves_a_complete_run_dir(cfg_factory):
     assert (run_dir / "best.pt").is_file() and (run_dir / "config.yaml").is_file()
 
 
+@pytest.mark.slow
 def test_cifar_subset_smoke(cfg_factory, cifar_root):
     cfg = cfg_factory(
         "dataset=cifar10", f"dataset.root={cifar_root}", "model=vit_ti4", *TINY_MODEL,
@@ -59,6 +61,7 @@ def test_cifar_subset_smoke(cfg_factory, cifar_root):
     assert summary["steps"] == 5085 // 128 and summary["epochs"] == 1
 
 
+@pytest.mark.slow
 def test_loss_goes_down_on_digits(cfg_factory):
     cfg = cfg_factory("experiment=digits", "trainer.max_epochs=6", "trainer.progress=false")
     train(cfg)
@@ -77,6 +80,7 @@ def test_same_seed_same_run(cfg_factory, tmp_path):
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
 
 
+@pytest.mark.slow
 def test_gradient_accumulation_keeps_the_global_batch(cfg_factory, tmp_path):
     """4 micro-batches of 8 make the same update as one batch of 32."""
     common = [*FAKE_TINY, "trainer.max_steps=3", "trainer.batch_size=32", "optimizer=sgd"]
@@ -92,6 +96,7 @@ def test_gradient_accumulation_keeps_the_global_batch(cfg_factory, tmp_path):
         torch.testing.assert_close(w1[key], w4[key], atol=2e-5, rtol=1e-4)
 
 
+@pytest.mark.slow
 def test_bf16_autocast_on_cpu_computes_in_bf16(cfg_factory, tmp_path):
     """The same run in fp32 and bf16: the losses differ (bf16 rounds every matmul's inputs to
     8 bits of mantissa) but stay close, and the logits inside the step are bf16."""
@@ -155,6 +160,7 @@ def test_score_with_hflip_is_the_mean_logits_of_each_image_and_its_mirror():
     assert got["loss"] != pytest.approx(plain["loss"], rel=1e-4)  # the mirror images do count
 
 
+@pytest.mark.slow
 def test_eval_hflip_is_logged_beside_the_plain_metrics_which_pick_best(cfg_factory):
     cfg = cfg_factory(*FAKE_TINY, "trainer.max_epochs=2", "trainer.batch_size=64", "trainer.eval_hflip=true",
                       "trainer.sample_figures=false")  # fmt: skip

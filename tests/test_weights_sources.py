@@ -531,6 +531,7 @@ def test_hub_ids_that_name_no_repo(spec: str, hub_cache: Path) -> None:
 # --------------------------------------------------------------------------- the command line
 
 
+@pytest.mark.slow
 def test_cli_hub_id_stops_offline_then_trains_from_a_filled_cache(tmp_path: Path) -> None:
     """The issue's check: with nothing cached and no Hub, one line and nothing trained; with a
     filled cache and HF_HUB_OFFLINE=1, it trains."""
