@@ -115,6 +115,7 @@ def test_create_params_from_overrides(input: Any, expected: Any) -> None:
     assert actual == expected
 
 
+@pytest.mark.sweep
 def test_launch_jobs(hydra_sweep_runner: TSweepRunner) -> None:
     sweep = hydra_sweep_runner(
         calling_file=None,
@@ -133,6 +134,7 @@ def test_launch_jobs(hydra_sweep_runner: TSweepRunner) -> None:
         assert sweep.returns is None
 
 
+@pytest.mark.sweep
 @pytest.mark.parametrize("with_commandline", [True, False])
 def test_optuna_example(with_commandline: bool, tmpdir: Path) -> None:
     storage = "sqlite:///" + os.path.join(str(tmpdir), "test.db")
@@ -170,6 +172,7 @@ def test_optuna_example(with_commandline: bool, tmpdir: Path) -> None:
     assert returns["best_value"] <= 2.27
 
 
+@pytest.mark.sweep
 @pytest.mark.parametrize("num_trials", [10, 1])
 def test_example_with_grid_sampler(tmpdir: Path, num_trials: int) -> None:
     storage = "sqlite:///" + os.path.join(str(tmpdir), "test.db")
@@ -202,6 +205,7 @@ def _dominates(values_x: list[float], values_y: list[float]) -> bool:
     )
 
 
+@pytest.mark.sweep
 @pytest.mark.parametrize("with_commandline", [True, False])
 def test_optuna_multi_objective_example(with_commandline: bool, tmpdir: Path) -> None:
     cmd = [
@@ -229,6 +233,7 @@ def test_optuna_multi_objective_example(with_commandline: bool, tmpdir: Path) ->
             assert not _dominates(trial_x["values"], trial_y["values"])
 
 
+@pytest.mark.sweep
 def test_optuna_custom_search_space_example(tmpdir: Path) -> None:
     max_z_difference_from_x = 0.3
     cmd = [
@@ -251,6 +256,7 @@ def test_optuna_custom_search_space_example(tmpdir: Path) -> None:
     assert 0 <= w <= 1
 
 
+@pytest.mark.sweep
 @pytest.mark.parametrize("max_failure_rate", [0.5, 1.0])
 def test_failure_rate(max_failure_rate: float, tmpdir: Path) -> None:
     cmd = [
@@ -274,6 +280,7 @@ def test_failure_rate(max_failure_rate: float, tmpdir: Path) -> None:
         assert error_string not in err
 
 
+@pytest.mark.sweep
 def test_example_with_removed_motpe(tmpdir: Path) -> None:
     cmd = [
         sys.executable,
@@ -292,6 +299,7 @@ def test_example_with_removed_motpe(tmpdir: Path) -> None:
     assert err.strip().count("\n") == 0  # one line (Hydra's plugin: an InstantiationException)
 
 
+@pytest.mark.sweep
 @pytest.mark.parametrize(
     ("search_space", "params", "msg"),
     [
@@ -317,6 +325,7 @@ def test_warnings(tmpdir: Path, search_space: Any, params: Any, msg: str | None)
         sweeper.space([])
 
 
+@pytest.mark.sweep
 def test_example_with_deprecated_search_space(tmpdir: Path) -> None:  # v1.3.2
     cmd = [
         "-W ignore::UserWarning",

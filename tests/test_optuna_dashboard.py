@@ -25,6 +25,7 @@ def get(url: str) -> dict:
         return json.loads(response.read())
 
 
+@pytest.mark.slow
 def test_the_dashboard_serves_the_trials_of_a_finished_search(tmp_path):
     import optuna
 

@@ -91,6 +91,7 @@ for step in range(1, 41):
 """
 
 
+@pytest.mark.sweep
 def test_two_parallel_jobs_write_one_journal_study_without_errors(tmp_path):
     journal = tmp_path / "optuna.journal"
     study = journal_study(journal, pruner=None)
@@ -167,6 +168,7 @@ def test_a_job_that_returns_nan_or_raises_leaves_its_trial_failed(tmp_path):
     assert [t.state for t in trials] == [TrialState.FAIL, TrialState.FAIL]
 
 
+@pytest.mark.sweep
 def test_a_study_the_sqlite_sweeper_kept_continues_in_the_journal(tmp_path, caplog, capsys):
     """The sweep folder of a search run before journal files were the default: optuna.db."""
     sweeper(tmp_path, n_trials=2).sweep([])  # into sqlite:///…/optuna.db, as the presets did
@@ -214,6 +216,7 @@ SEARCH = [
 ]
 
 
+@pytest.mark.sweep
 def test_a_pruned_search_through_the_basic_launcher(tmp_path):
     sweep = tmp_path / "study"
     result = run_cli(*SEARCH, "hydra.sweeper.n_trials=2", f"hydra.sweep.dir={sweep}", timeout=600)
@@ -224,6 +227,7 @@ def test_a_pruned_search_through_the_basic_launcher(tmp_path):
     check_pruned_search(sweep, 2)
 
 
+@pytest.mark.sweep
 @needs_ray
 def test_a_pruned_search_through_local_gpus_two_jobs_at_once(tmp_path):
     sweep = tmp_path / "study"
@@ -236,6 +240,7 @@ def test_a_pruned_search_through_local_gpus_two_jobs_at_once(tmp_path):
     assert overlap(span(sweep / "0"), span(sweep / "1"))  # both wrote the journal at once
 
 
+@pytest.mark.sweep
 def test_a_pruned_run_is_tagged_pruned_in_wandb(tmp_path):
     from types import SimpleNamespace
 

@@ -14,6 +14,7 @@ from packaging.requirements import Requirement
 from tests.helpers import REPO
 
 
+@pytest.mark.slow
 def test_the_wheel_builds_without_warnings_and_carries_every_config(tmp_path):
     # The environment's setuptools, not a download: the same checks as an isolated build with
     # a setuptools new enough for pyproject.toml (>= 77, for the SPDX license string).
