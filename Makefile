@@ -24,6 +24,8 @@ $(VENV)/.runtime: pyproject.toml $(CONSTRAINTS)
 
 $(VENV)/.dev: $(VENV)/.runtime
 	$(PIP_INSTALL) -e '.[test,sweep,ray,data]'
+	# vitexp's Optuna sweeper replaced hydra-optuna-sweeper (optuna<3): out of environments made before.
+	$(PY) -m pip uninstall --quiet --yes hydra-optuna-sweeper 2>/dev/null || true
 	touch $@
 
 quickstart: install

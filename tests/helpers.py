@@ -114,7 +114,7 @@ def assert_final_is_last_checkpoint(run_dir: Path) -> dict:
     """The summary's final metrics are what last.pt scores when evaluated afresh (rebuilt from
     its stored config, on the same split): the loop's evaluation, its checkpoint and its
     summary agree. Returns the summary."""
-    from vitexp.evaluate import evaluate_checkpoint
+    from vitexp.commands.evaluate import evaluate_checkpoint
 
     summary = json.loads((run_dir / "summary.json").read_text())
     report = evaluate_checkpoint(run_dir / "last.pt", output=run_dir / "recheck.json", device="cpu")

@@ -355,7 +355,8 @@ def test_report_command_errors_are_one_line(tmp_path):
     )
     assert result.returncode == 2
     assert result.stderr.splitlines() == [
-        f"error: {tmp_path} holds no job folders (subfolders with .hydra/); is it a multirun folder?"
+        f"error: {tmp_path} is neither a run folder (it has no .hydra, metrics.jsonl, summary.json, "
+        "error.txt) nor a sweep folder (no subfolder has .hydra/); give a run folder or a multirun folder"
     ]
 
 

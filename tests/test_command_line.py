@@ -48,8 +48,8 @@ HYDRA_CASES = [
     (["experiment=_broken"], "wrong type", IN_FILE,
      "trainer.batch_size=abc must be an integer (in experiment/_broken)"),
     (["hydra/sweeper=optuna_x"], "unknown option", NAMED_IN,
-     "unknown hydra/sweeper 'optuna_x': choose one of optuna_resumable; is its Hydra plugin installed? "
-     "(pip install -e '.[sweep]')"),
+     "unknown hydra/sweeper 'optuna_x': choose one of basic, optuna_resumable, vitexp_optuna; "
+     "is its Hydra plugin installed? (pip install -e '.[sweep]')"),
 ]  # fmt: skip
 
 

@@ -14,7 +14,7 @@ import torch
 from hydra import compose, initialize_config_dir
 from hydra.core.config_store import ConfigStore
 from hydra.errors import ConfigCompositionException
-from hydra.utils import get_class, instantiate
+from hydra.utils import get_object, instantiate
 from omegaconf import OmegaConf
 
 from tests.helpers import REPO, compose_cfg, run_cli
@@ -43,6 +43,7 @@ def test_defaults_compose_and_resolve():
 
 # Options with settings that have no default (marked ???) and must be given.
 REQUIRED = {
+    "timm": ["model.name=vit_small_patch14_dinov2"],
     "imagefolder": ["dataset.root=/data/images", "dataset.num_classes=2"],
     "hf": ["dataset.path=/data/hf", "dataset.num_classes=10"],
     "wds": [
@@ -60,7 +61,7 @@ def _converted(option: str, cifar_root, tmp_path) -> list[str]:
     pytest.importorskip("datasets" if option == "hf" else "webdataset")
     cifar = load_cifar10(cifar_root, download=False)
     if option == "wds":
-        from vitexp.shards import write_shards
+        from vitexp.commands.shards import write_shards
 
         write_shards(cifar, tmp_path / "shards", shard_size=2000)
         return [
@@ -186,7 +187,7 @@ def test_model_group_instantiates_on_meta_for_each_size():
     from vitexp.models import build_model
 
     for option in options("model"):
-        cfg = compose_cfg([f"model={option}"])
+        cfg = compose_cfg([f"model={option}", *REQUIRED.get(option, [])])
         with torch.device("meta"):
             model = build_model(cfg.model)
         assert sum(p.numel() for p in model.parameters()) > 0
@@ -203,9 +204,9 @@ NOT_SETTINGS = {"embed_layer"}
 def test_each_model_option_lists_every_constructor_setting_and_nothing_else(option):
     """The model files share a base (conf/model_vit.yaml, model_cct.yaml, model_cvt.yaml) and
     list only their sizes: composed, each is a complete set of keyword arguments."""
-    model = compose_cfg([f"model={option}"]).model
+    model = compose_cfg([f"model={option}", *REQUIRED.get(option, [])]).model
     # The constructor's keyword arguments, shared ones (`**encoder: Unpack[...]`) included.
-    arguments = set(keyword_arguments(get_class(model._target_)) or ())
+    arguments = set(keyword_arguments(get_object(model._target_)) or ())
     keys = set(model) - {"_target_", "pretrained", "pretrained_format"}
     assert keys <= arguments, keys - arguments
     assert arguments - keys <= NOT_SETTINGS, arguments - keys
@@ -281,8 +282,7 @@ def test_a_preset_with_a_wrong_type_fails_at_composition():
 
 
 @pytest.mark.skipif(
-    importlib.util.find_spec("hydra_plugins.hydra_optuna_sweeper") is None,
-    reason="hydra-optuna-sweeper is not installed (pip install -e '.[sweep]')",
+    importlib.util.find_spec("optuna") is None, reason="optuna is not installed (pip install -e '.[sweep]')"
 )
 @pytest.mark.parametrize("name", options("hparams_search"))
 def test_every_hparams_search_composes(name):

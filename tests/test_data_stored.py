@@ -11,10 +11,10 @@ import pytest
 import torch
 
 from tests.helpers import REPO
-from vitexp.attention import attention_figure
+from vitexp.commands.attention import attention_figure
+from vitexp.commands.evaluate import evaluate_checkpoint
 from vitexp.data import build_stored_dataset
 from vitexp.errors import ConfigError, DataError
-from vitexp.evaluate import evaluate_checkpoint
 from vitexp.inference import load_trained
 from vitexp.training.checkpoint import save_checkpoint
 

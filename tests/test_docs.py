@@ -28,10 +28,11 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.types import RunMode
 from omegaconf import DictConfig, open_dict
 
+import vitexp.commands
 import vitexp.config.command_line
 from tests.helpers import REPO
 from vitexp.cli import check_command_line, require_settings
-from vitexp.config import conf_dir, validate
+from vitexp.config import conf_dir
 from vitexp.config.command_line import hydra_args
 from vitexp.errors import ConfigError
 from vitexp.models.weights.sources import find_named
@@ -39,18 +40,17 @@ from vitexp.models.weights.sources import find_named
 PAGES = sorted((REPO / "docs").glob("*.md"))
 DOCS = [REPO / "README.md", *PAGES, REPO / "experiments" / "README.md"]
 
-# The command modules that run through Hydra: their config (conf/NAME.yaml) and the check of
-# the composed config that the command makes before (training) or as it starts (the others).
+# The commands that run through Hydra, by the module users type (`vitexp`, `vitexp.evaluate`,
+# ...): their config (conf/NAME.yaml) and the check of the composed config that the command
+# makes before (training) or as it starts (the others: their own required settings).
 HYDRA_COMMANDS: dict[str, tuple[str, Callable[[DictConfig], Any]]] = {
-    "vitexp": ("config", validate),
-    "vitexp.evaluate": ("evaluate", require_settings),
-    "vitexp.predict": ("predict", require_settings),
-    "vitexp.attention": ("attention", require_settings),
-    "vitexp.export": ("export", require_settings),
-    "vitexp.shards": ("shards", require_settings),
+    vitexp.commands.typed(name): (config_name, check or require_settings)
+    for name, (config_name, check) in vitexp.commands.HYDRA_COMMANDS.items()
 }
-# The command modules with their own argparse command line (`main(argv)`).
-ARGPARSE_COMMANDS = ("vitexp.report", "vitexp.weights")
+# The commands with their own argparse command line: the module whose `main(argv)` reads it.
+ARGPARSE_COMMANDS = {
+    vitexp.commands.typed(name): f"vitexp.commands.{name}" for name in vitexp.commands.ARGPARSE_COMMANDS
+}
 
 FENCE = re.compile(r"^\s*```(\w*)")
 # A line that starts a command: an optional prompt, environment assignments, `time`, then the program.
@@ -176,7 +176,8 @@ def check_pretrained_names(values: list[str]) -> None:
     vitexp knows (`python -m vitexp.weights` lists them)."""
     for value in values:
         looks_like_file = "/" in value or value.endswith((".pt", ".pth", ".bin", ".npz", ".safetensors"))
-        if value.startswith("hf-hub:") or "://" in value or looks_like_file:
+        timm_own = value in ("True", "False")  # model=timm: the weights timm names for model.name, or none
+        if value.startswith("hf-hub:") or "://" in value or looks_like_file or timm_own:
             continue
         assert find_named(value) is not None, f"model.pretrained={value} is not a known weights name"
 
@@ -221,7 +222,7 @@ def check_argparse_command(command: Command, monkeypatch: pytest.MonkeyPatch) ->
         raise _Parsed(parse_args(self, args, namespace))
 
     monkeypatch.setattr(argparse.ArgumentParser, "parse_args", parse_only)
-    module = importlib.import_module(command.module)
+    module = importlib.import_module(ARGPARSE_COMMANDS[command.module])
     with pytest.raises(_Parsed) as parsed:
         try:
             module.main(list(command.args))
@@ -251,8 +252,8 @@ def test_documented_command_composes(command: Command, monkeypatch: pytest.Monke
 
 
 def test_every_command_module_is_known_to_this_test() -> None:
-    """A new command (a module run with `python -m`) needs its entry above, else its
-    documented commands would not be checked."""
+    """A new command (a module run with `python -m`) needs its entry in vitexp.commands, else
+    its documented commands would not be checked."""
     modules = {
         "vitexp." + p.stem
         for p in (REPO / "vitexp").glob("*.py")

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from tests.helpers import compose_cfg, rows
-from vitexp.evaluate import evaluate_checkpoint
+from vitexp.commands.evaluate import evaluate_checkpoint
 from vitexp.training import train
 
 FIXTURES = Path(__file__).parent / "fixtures"

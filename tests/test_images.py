@@ -14,13 +14,13 @@ from PIL import Image
 
 import vitexp.viz
 from tests.helpers import TINY_MODEL, compose_cfg
-from vitexp.attention import attention_figure
+from vitexp.commands.attention import attention_figure
+from vitexp.commands.predict import predict_images
 from vitexp.data import load_image, load_imagefolder, load_images, make_loader, read_image, resize_image
 from vitexp.data.images import UnreadableImage
 from vitexp.errors import ConfigError
 from vitexp.inference import TrainedModel, load_trained
 from vitexp.models import build_model
-from vitexp.predict import predict_images
 from vitexp.training.checkpoint import save_checkpoint
 from vitexp.viz import sample_images
 

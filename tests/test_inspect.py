@@ -23,19 +23,19 @@ from omegaconf import OmegaConf
 from PIL import Image
 
 from tests.helpers import REPO, TINY_MODEL, compose_cfg
-from vitexp.attention import attention_figure
 from vitexp.cli import one_line_errors
+from vitexp.commands.attention import attention_figure
+from vitexp.commands.evaluate import evaluate_checkpoint
+from vitexp.commands.export import export_checkpoint
+from vitexp.commands.predict import predict_images
 from vitexp.config import conf_dir
 from vitexp.data import DeviceLoader, carve_validation, crop_to_aspect, load_digits, load_fake, read_image
 from vitexp.errors import ConfigError, DataError
-from vitexp.evaluate import evaluate_checkpoint
-from vitexp.export import export_checkpoint
 from vitexp.inference import dataset_from_cfg, load_trained
 from vitexp.models import build_model
-from vitexp.predict import predict_images
 from vitexp.training import train
 from vitexp.training.checkpoint import save_checkpoint
-from vitexp.training.metrics import evaluate
+from vitexp.training.metrics import score
 from vitexp.viz import (
     DPI,
     PANEL_INCHES,
@@ -218,7 +218,7 @@ def test_evaluate_checkpoint_agrees_with_the_training_metrics(token_ckpt):
     report = evaluate_checkpoint(token_ckpt, device="cpu")
     trained = load_trained(token_ckpt)
     test = load_digits().test
-    expected = evaluate(
+    expected = score(
         trained.model, DeviceLoader(test, batch_size=100, transform=trained.transform, train=False),
         torch.autocast("cpu", enabled=False),
     )  # fmt: skip

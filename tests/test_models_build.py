@@ -28,6 +28,7 @@ from vitexp.models import (
     VisionTransformer,
     build_model,
     build_stored_model,
+    timm_model,
 )
 from vitexp.models.build import MODEL_REGISTRY
 from vitexp.training.checkpoint import save_checkpoint
@@ -142,6 +143,9 @@ def test_registry_holds_each_model_class_under_its_public_and_module_paths() -> 
         "vitexp.models.cvt.CvT": CvT,
         "vitexp.models.CCT": CCT,
         "vitexp.models.cct.CCT": CCT,
+        # timm's models, by name (model=timm): the builder refuses arguments that read files.
+        "vitexp.models.timm_model": timm_model,
+        "vitexp.models.timm_models.timm_model": timm_model,
     }
     assert expected == MODEL_REGISTRY
 
@@ -230,8 +234,8 @@ def _checkpoint_with_model_config(ckpt: dict[str, Any], model_cfg: dict[str, Any
 def test_commands_refuse_checkpoints_with_payloads(
     payload: str, fixture_checkpoint: dict[str, Any], tmp_path: Path
 ) -> None:
-    from vitexp.attention import attention_figure
-    from vitexp.evaluate import evaluate_checkpoint
+    from vitexp.commands.attention import attention_figure
+    from vitexp.commands.evaluate import evaluate_checkpoint
 
     victim = _victim(tmp_path)
     cfg, expected = _payloads(tmp_path)[payload]

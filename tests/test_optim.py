@@ -10,7 +10,15 @@ import torch
 from tests.helpers import compose_cfg
 from vitexp.errors import ConfigError
 from vitexp.models import VisionTransformer
-from vitexp.training.optim import constant, make_schedule, param_groups, set_lr, warmup_cosine, warmup_linear
+from vitexp.training.optim import (
+    build_optimizer,
+    constant,
+    make_schedule,
+    param_groups,
+    set_lr,
+    warmup_cosine,
+    warmup_linear,
+)
 
 
 def test_no_decay_on_norms_biases_and_embeddings():
@@ -96,8 +104,7 @@ def test_setting_the_rate_each_step_equals_lambda_lr():
 @pytest.mark.parametrize("name", ["sgd", "adamw"])
 def test_optimizer_configs_build_on_param_groups(name):
     cfg = compose_cfg([f"optimizer={name}"])
-    from hydra.utils import instantiate
-
     model = torch.nn.Linear(3, 2)
-    opt = instantiate(cfg.optimizer)(param_groups(model, cfg.optimizer.weight_decay))
+    opt = build_optimizer(cfg.optimizer, model)
     assert opt.param_groups[0]["lr"] == cfg.optimizer.lr
+    assert [g["weight_decay"] for g in opt.param_groups] == [cfg.optimizer.weight_decay, 0.0]

@@ -28,6 +28,7 @@ datasets = pytest.importorskip("datasets")
 
 from tests.helpers import REPO, TINY_MODEL, compose_cfg, run_cli  # noqa: E402
 from vitexp.cli import check_command_line  # noqa: E402
+from vitexp.commands.shards import check_out, write_shards  # noqa: E402
 from vitexp.config import validate  # noqa: E402
 from vitexp.data import (  # noqa: E402
     BatchTransform,
@@ -44,7 +45,6 @@ from vitexp.data import (  # noqa: E402
 from vitexp.data.images import UnreadableImage, defer_or_load, jpeg_size  # noqa: E402
 from vitexp.data.stored import STORED_DATASETS  # noqa: E402
 from vitexp.errors import ConfigError, DataError  # noqa: E402
-from vitexp.shards import check_out, write_shards  # noqa: E402
 
 CPU = torch.device("cpu")
 PLAIN = BatchTransform(img_size=4, mean=[0.0] * 3, std=[1.0] * 3)
@@ -292,8 +292,8 @@ def test_every_decode_path_refuses_more_pixels_than_pillows_limit(path, tmp_path
 def test_predict_refuses_a_13600_pixel_square_jpeg_before_decoding(tmp_path, monkeypatch):
     import torchvision.io
 
+    from vitexp.commands.predict import predict_images
     from vitexp.models import build_model
-    from vitexp.predict import predict_images
     from vitexp.training.checkpoint import save_checkpoint
 
     cfg = compose_cfg(

@@ -26,8 +26,8 @@ from hydra_plugins.vitexp_sweeps.local_gpus import (
 )
 from tests.helpers import run_cli
 from tests.test_sweeps import RAY_ENV, needs_optuna, needs_ray, with_repo
+from vitexp.commands.report import read_sweep
 from vitexp.errors import ConfigError
-from vitexp.report import read_sweep
 
 # --------------------------------------------------------------------------- local_gpus settings
 
@@ -227,20 +227,22 @@ SPACE = {"x": "interval(0, 1)", "k": "choice(1, 2, 4)"}
 
 def sweeper(tmp_path, *, space=SPACE, direction="maximize", n_trials=2, storage=None):
     """The plugin as Hydra sets it up, with a launcher that runs no training."""
-    import optuna
     from omegaconf import OmegaConf
 
-    from hydra_plugins.vitexp_sweeps.resumable_optuna import ResumableOptunaSweeper
+    from hydra_plugins.vitexp_sweeps._optuna_sweep import OptunaSweep
+    from hydra_plugins.vitexp_sweeps.optuna_sweeper import OptunaSweeper
 
-    plugin = ResumableOptunaSweeper(
-        sampler=optuna.samplers.TPESampler(seed=0), direction=direction, study_name="study",
-        storage=storage or f"sqlite:///{tmp_path}/optuna.db", n_trials=n_trials, n_jobs=1,
-        max_failure_rate=0.0, search_space=None, custom_search_space=None, params=OmegaConf.create(space),
-    )  # fmt: skip
-    impl = plugin.sweeper
-    impl.config = OmegaConf.create({"hydra": {"sweep": {"dir": str(tmp_path)}}})
-    impl.hydra_context = object()
-    impl.launcher = FakeLauncher()
+    settings = {
+        "sampler": {"_target_": "optuna.samplers.TPESampler", "seed": 0}, "direction": direction,
+        "study_name": "study", "storage": storage or f"sqlite:///{tmp_path}/optuna.db", "n_trials": n_trials,
+        "n_jobs": 1, "max_failure_rate": 0.0, "search_space": None, "custom_search_space": None,
+        "params": OmegaConf.create(space), "pruner": None,
+    }  # fmt: skip
+    plugin = OptunaSweeper(**settings)
+    plugin.sweeper = OptunaSweep.from_settings(
+        settings, OmegaConf.create({"hydra": {"sweep": {"dir": str(tmp_path)}}, "trainer": {"resume": None}})
+    )
+    plugin.sweeper.launcher = FakeLauncher()
     return plugin
 
 
@@ -299,14 +301,14 @@ def test_a_trial_a_dead_run_left_running_without_its_parameters_is_failed_on_the
     parameters drawn before the changed one, then Optuna's traceback), and a run killed between
     asking for a trial and launching it."""
     import optuna
-    from optuna.distributions import UniformDistribution
+    from optuna.distributions import FloatDistribution
 
     sweeper(tmp_path).sweep([])
     study = optuna.load_study(study_name="study", storage=f"sqlite:///{tmp_path}/optuna.db")
     stray = study.ask()
     stray.suggest_float("x", 0, 1)
     with pytest.raises(ValueError, match="Cannot set different distribution kind"):
-        stray._suggest("k", UniformDistribution(1, 4))  # as Hydra's sweeper draws k=interval(1, 4)
+        stray._suggest("k", FloatDistribution(1, 4))  # as the sweeper draws k=interval(1, 4)
     study.ask()  # and one that got no parameter at all
     plugin = sweeper(tmp_path, n_trials=5)
     with caplog.at_level("INFO"):

@@ -137,7 +137,7 @@ def test_online_without_credentials_is_one_line_and_the_rerun_is_not_refused(cfg
     with pytest.raises(ConfigError) as error:
         train(cfg)
     assert str(error.value) == (
-        "logger.wandb: logger.wandb.mode=online needs W&B credentials and none are set: run `wandb login`, "
+        "logger.wandb.mode=online needs W&B credentials and none are set: run `wandb login`, "
         "set WANDB_API_KEY, or set logger.wandb.mode=offline (or auto) to log offline and `wandb sync` later"
     )
     run_dir = Path(cfg.run_dir)
@@ -169,3 +169,18 @@ def test_metrics_file_appears_with_its_first_row(tmp_path: Path) -> None:
     used.log({"train/loss": 1.0}, step=1)
     used.finish()
     assert path.read_text() == '{"step": 1, "train/loss": 1.0}\n'
+
+
+def test_online_without_credentials_is_refused_by_the_command_line_check(tmp_path, monkeypatch) -> None:
+    """Before anything is built (no model, no data): the check every command runs first."""
+    from vitexp.cli import check_command_line
+    from vitexp.config import validate
+
+    for name in ("WANDB_API_KEY", "WANDB_IDENTITY_TOKEN_FILE", "WANDB_MODE"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("NETRC", str(tmp_path / "netrc"))  # no such file: no stored login
+    monkeypatch.setenv("WANDB_BASE_URL", "http://127.0.0.1:9")
+    with pytest.raises(ConfigError, match=r"^logger\.wandb\.mode=online needs W&B credentials"):
+        check_command_line("config", ["logger=wandb", "logger.wandb.mode=online"], validate)
+    with pytest.raises(ConfigError, match=r"^logger\.wandb\.init_timeout=0 must be positive"):
+        check_command_line("config", ["logger=wandb", "logger.wandb.init_timeout=0"], validate)

@@ -17,9 +17,9 @@ import pytest
 import torch
 
 from tests.helpers import TINY_MODEL, compose_cfg, rows
+from vitexp.commands.evaluate import evaluate_checkpoint
+from vitexp.commands.predict import predict_images
 from vitexp.errors import ConfigError, DataError
-from vitexp.evaluate import evaluate_checkpoint
-from vitexp.predict import predict_images
 from vitexp.training import train
 from vitexp.training.checkpoint import load_checkpoint, read_training_checkpoint
 from vitexp.training.distributed import SINGLE_PROCESS

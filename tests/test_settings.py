@@ -57,6 +57,16 @@ BAD = [
     (["optimizer.lr=abc"], "optimizer.lr='abc' must be a number"),
     (["optimizer.lr=nan"], "optimizer.lr=nan must be a finite number"),
     (["optimizer.weight_decay=-0.01"], "optimizer.weight_decay=-0.01 must not be negative"),
+    (
+        ["optimizer.layer_decay=0"],
+        "optimizer.layer_decay=0 must be in (0, 1] (0.65 to 0.75 is usual), or null for one rate",
+    ),
+    (["optimizer.layer_decay=1.5"], "optimizer.layer_decay=1.5 must be in (0, 1]"),
+    (
+        ["trainer.train_last_blocks=-1"],
+        "trainer.train_last_blocks=-1 must not be negative (0 trains the head alone), or null to train every",
+    ),
+    (["trainer.freeze=head"], "trainer.freeze='head' must be backbone, a list of glob patterns of parameter"),
     (["optimizer=sgd", "optimizer.momentum=1.0"], "optimizer.momentum=1.0 must be in [0, 1)"),
     (["scheduler.warmup_steps=-5"], "scheduler.warmup_steps=-5 must not be negative, or null"),
     (["scheduler.warmup_epochs=-1"], "scheduler.warmup_epochs=-1 must not be negative"),

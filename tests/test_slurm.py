@@ -24,7 +24,7 @@ from pathlib import Path
 import pytest
 
 from tests.helpers import REPO, TINY_MODEL, rows, run_cli
-from vitexp.report import read_sweep
+from vitexp.commands.report import read_sweep
 
 pytestmark = pytest.mark.slurm
 

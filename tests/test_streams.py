@@ -19,6 +19,8 @@ pytest.importorskip("webdataset")
 datasets = pytest.importorskip("datasets")
 
 from tests.helpers import TINY_MODEL, compose_cfg, rows, run_cli  # noqa: E402
+from vitexp.commands.evaluate import evaluate_checkpoint  # noqa: E402
+from vitexp.commands.shards import write_shards  # noqa: E402
 from vitexp.config import validate  # noqa: E402
 from vitexp.data import (  # noqa: E402
     BatchTransform,
@@ -33,8 +35,6 @@ from vitexp.data import (  # noqa: E402
 )
 from vitexp.data.images import UnreadableImage, _decode_pil  # noqa: E402
 from vitexp.errors import ConfigError, DataError  # noqa: E402
-from vitexp.evaluate import evaluate_checkpoint  # noqa: E402
-from vitexp.shards import write_shards  # noqa: E402
 from vitexp.training import train  # noqa: E402
 from vitexp.training.checkpoint import load_checkpoint, save_checkpoint  # noqa: E402
 

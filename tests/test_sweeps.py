@@ -16,14 +16,13 @@ import pytest
 import yaml
 
 from tests.helpers import REPO, TINY_MODEL, run_cli
-from vitexp.report import read_sweep
+from vitexp.commands.report import read_sweep
 
 needs_ray = pytest.mark.skipif(
     importlib.util.find_spec("ray") is None, reason="Ray is not installed (pip install -e '.[ray]')"
 )
 needs_optuna = pytest.mark.skipif(
-    importlib.util.find_spec("hydra_plugins.hydra_optuna_sweeper") is None,
-    reason="hydra-optuna-sweeper is not installed (pip install -e '.[sweep]')",
+    importlib.util.find_spec("optuna") is None, reason="optuna is not installed (pip install -e '.[sweep]')"
 )
 # Ray's own chatter off; a local Ray needs no network.
 RAY_ENV = {"RAY_USAGE_STATS_ENABLED": "0", "OMP_NUM_THREADS": "1"}
@@ -208,9 +207,13 @@ OPTUNA = [
 
 
 def study_trials(sweep: Path) -> list:
+    """The trials of the presets' study (a journal file in the sweep folder)."""
     import optuna
 
-    return optuna.load_study(study_name="digits_optuna", storage=f"sqlite:///{sweep}/optuna.db").trials
+    from vitexp.studies import open_storage
+
+    storage = open_storage(f"{sweep}/optuna.journal")
+    return optuna.load_study(study_name="digits_optuna", storage=storage).trials
 
 
 @pytest.mark.sweep
@@ -353,4 +356,4 @@ def test_hydra_finds_vitexps_plugins_from_any_working_directory(tmp_path):
     result = run_cli("--info", "plugins", cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-2000:]
     assert "LocalGPUsLauncher" in result.stdout
-    assert "ResumableOptunaSweeper" in result.stdout
+    assert "OptunaSweeper" in result.stdout and "hydra_plugins.vitexp_sweeps.optuna_sweeper " in result.stdout

@@ -17,7 +17,7 @@ from vitexp.errors import ConfigError
 from vitexp.models import VisionTransformer, build_model
 from vitexp.training import train
 from vitexp.training.checkpoint import load_checkpoint
-from vitexp.training.metrics import evaluate
+from vitexp.training.metrics import score
 
 FAKE_TINY = ["dataset=fake", "model=vit_ti4", "model.img_size=16", *TINY_MODEL, "trainer.progress=false"]
 
@@ -123,7 +123,7 @@ def test_bf16_autocast_on_cpu_computes_in_bf16(cfg_factory, tmp_path):
 
 
 def tiny_model_and_split() -> tuple[VisionTransformer, Split, BatchTransform]:
-    """A 6-class ViT on 8×8 images and 10 random images (seeded): for checks of evaluate."""
+    """A 6-class ViT on 8×8 images and 10 random images (seeded): for checks of score."""
     torch.manual_seed(0)
     model = VisionTransformer(img_size=8, patch_size=4, num_classes=6, hidden_size=16, mlp_dim=32,
                               num_heads=2, num_layers=1).eval()  # fmt: skip
@@ -132,9 +132,9 @@ def tiny_model_and_split() -> tuple[VisionTransformer, Split, BatchTransform]:
     return model, split, transform
 
 
-def test_evaluate_counts_the_true_number_of_samples():
+def test_score_counts_the_true_number_of_samples():
     model, split, transform = tiny_model_and_split()
-    got = evaluate(
+    got = score(
         model,
         DeviceLoader(split, batch_size=4, transform=transform, train=False),
         torch.autocast("cpu", enabled=False),
@@ -147,11 +147,11 @@ def test_evaluate_counts_the_true_number_of_samples():
     assert got["acc5"] == pytest.approx((top5 == split.labels[:, None]).any(1).float().mean().item())
 
 
-def test_evaluate_with_hflip_scores_the_mean_logits_of_each_image_and_its_mirror():
+def test_score_with_hflip_is_the_mean_logits_of_each_image_and_its_mirror():
     model, split, transform = tiny_model_and_split()
     loader = DeviceLoader(split, batch_size=4, transform=transform, train=False)
-    plain = evaluate(model, loader, torch.autocast("cpu", enabled=False))
-    got = evaluate(model, loader, torch.autocast("cpu", enabled=False), hflip=True)
+    plain = score(model, loader, torch.autocast("cpu", enabled=False))
+    got = score(model, loader, torch.autocast("cpu", enabled=False), hflip=True)
     with torch.no_grad():
         x = transform.eval(split.images)
         logits = (model(x) + model(torch.flip(x, dims=[3]))) / 2
@@ -338,7 +338,7 @@ def test_trivialaugment_and_randaugment_together_is_an_error(cfg_factory):
 
 
 def test_ema_weights_are_evaluated_checkpointed_used_for_inference_and_resumed(cfg_factory, tmp_path):
-    from vitexp.evaluate import evaluate_checkpoint
+    from vitexp.commands.evaluate import evaluate_checkpoint
 
     ema = [*FAKE_TINY, "trainer.max_epochs=2", "trainer.batch_size=32", "trainer.ema_decay=0.9",
            "trainer.save_every_epoch=true", "trainer.sample_figures=false"]  # fmt: skip

@@ -404,7 +404,7 @@ def test_every_name_fits_a_model_config_and_the_presets_name_theirs() -> None:
 
 
 def test_weights_command_lists_names_with_their_config(capsys: pytest.CaptureFixture[str]) -> None:
-    from vitexp.weights import main
+    from vitexp.commands.weights import main
 
     assert main([]) == 0
     lines = capsys.readouterr().out.splitlines()
@@ -418,7 +418,7 @@ def test_weights_command_lists_names_with_their_config(capsys: pytest.CaptureFix
 def test_weights_command_fetches_into_the_cache(
     server: Loopback, torch_home: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    from vitexp.weights import main
+    from vitexp.commands.weights import main
 
     server.files["/w.safetensors"] = _safetensors_bytes(_timm_vit())
     assert main([f"{server.url}/w.safetensors"]) == 0

@@ -158,10 +158,10 @@ def check_command_line_or_exit(config_name: str, check: Callable[[DictConfig], A
         check_command_line(config_name, sys.argv[1:], check)
 
 
-def run_command(hydra_main: Callable[[], Any], config_name: str) -> Any:
-    """`python -m vitexp.COMMAND`: check the command line, run the `@hydra.main` function, and
-    exit 1 when a job of a multirun failed (each said why in its `error: ...` line)."""
-    check_command_line_or_exit(config_name)
+def run_command(hydra_main: Callable[[], Any]) -> Any:
+    """`python -m vitexp.COMMAND`, its command line checked (`vitexp.commands.run`): run the
+    `@hydra.main` function, and exit 1 when a job of a multirun failed (each said why in its
+    `error: ...` line)."""
     result = hydra_main()
     if _failed_jobs:
         print(f"error: {len(_failed_jobs)} job(s) failed", file=sys.stderr)

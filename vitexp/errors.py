@@ -62,7 +62,8 @@ def with_context(error: VitexpError, context: str) -> VitexpError:
 
 # An object's repr in a library's message (`<_io.BytesIO object at 0x7f...>`) says nothing to a
 # user: the message around it names the file or setting already.
-_OBJECT_REPR = re.compile(r"\s*<[^<>]* at 0x[0-9a-fA-F]+>")
+# A repr with `<...>` inside (`<locals>`) keeps its name, without the address.
+_OBJECT_REPR = re.compile(r"\s*<[^<>]* at 0x[0-9a-fA-F]+>| at 0x[0-9a-fA-F]+")
 
 
 def first_line(error: BaseException | str, limit: int = 160) -> str:

@@ -25,7 +25,7 @@ from vitexp.config import instantiate_group, leaves
 from vitexp.data import BatchTransform, FileSplit, ImageData, Split, build_stored_dataset
 from vitexp.data.transforms import eval_batches
 from vitexp.errors import ConfigError
-from vitexp.models import StoredModel, VisionTransformer, build_stored_model
+from vitexp.models import StoredModel, VisionTransformer, build_stored_model, class_count, input_size
 from vitexp.runtime import pick_device
 from vitexp.training.checkpoint import read_training_checkpoint
 
@@ -44,14 +44,15 @@ class TrainedModel:
     path: Path
     device: torch.device
     info: dict[str, Any]  # epoch, global_step, best_metric: where in training it was saved
+    inputs: dict[str, Any]  # mean, std (lists), interpolation: how `transform` prepares images
 
     @property
     def num_classes(self) -> int:
-        return int(self.model.num_classes)
+        return class_count(self.model)
 
     @property
     def img_size(self) -> tuple[int, int]:
-        return self.model.img_size
+        return input_size(self.model)
 
     def load_dataset(self) -> ImageData:
         """The dataset the checkpoint was trained on, from its stored `dataset.load` config."""
@@ -150,17 +151,24 @@ def load_trained(checkpoint: str | Path, device: str | torch.device = "cpu") -> 
             f"{path}: the weights do not fit the model its stored config describes ({detail}); "
             f"the checkpoint is damaged or was edited"
         ) from e
-    dataset_cfg = config.get("dataset") or {}
-    if "mean" not in dataset_cfg or "std" not in dataset_cfg:
+    # What the run fed the model (its mean, std and interpolation: a timm model's own); a
+    # checkpoint written before vitexp stored them normalised with its dataset's mean and std.
+    inputs = ckpt.get("inputs") or config.get("dataset") or {}
+    if "mean" not in inputs or "std" not in inputs:
         raise ConfigError(f"{path}: the stored config has no dataset.mean/std to normalise inputs with")
-    transform = BatchTransform(img_size=model.img_size, mean=dataset_cfg["mean"], std=dataset_cfg["std"])
+    inputs = {
+        "mean": list(inputs["mean"]),
+        "std": list(inputs["std"]),
+        "interpolation": str(inputs.get("interpolation") or "bilinear"),
+    }
+    transform = BatchTransform(img_size=input_size(model), **inputs)
     in_channels = getattr(model, "in_channels", None) or config["model"].get("in_channels")
     if in_channels is None and isinstance(model, VisionTransformer):
         # the plain ViT keeps it in its patch projection only
         in_channels = model.embeddings.patch_embeddings.in_channels
     classes = ckpt.get("classes")
-    if not (isinstance(classes, list | tuple) and len(classes) == model.num_classes):
-        classes = [str(i) for i in range(model.num_classes)]
+    if not (isinstance(classes, list | tuple) and len(classes) == class_count(model)):
+        classes = [str(i) for i in range(class_count(model))]
     device = pick_device(str(device)) if not isinstance(device, torch.device) else device
     return TrainedModel(
         model=model.to(device).eval(),
@@ -173,4 +181,5 @@ def load_trained(checkpoint: str | Path, device: str | torch.device = "cpu") -> 
         info={
             k: v for k, v in ckpt.get("progress", {}).items() if k in ("epoch", "global_step", "best_metric")
         },
+        inputs=inputs,
     )

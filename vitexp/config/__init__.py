@@ -8,11 +8,12 @@ settings      the declarations: `TrainerConfig` (type, default, doc, domain and 
 validation    `validate(cfg)`: every setting against its declaration, before anything is built
 command_line  `check_command_line`: composition, did-you-mean, Hydra's messages in one line
 nodes         the one walk over nested keys (`walk`, `leaves`), `plain`
-build         `instantiate_group`: Hydra's instantiate with one-line errors
+instantiate   `instantiate_group`: Hydra's instantiate with one-line errors
+compose       `compose(overrides)`: the checked config of a command line, from Python
 """
 
-from vitexp.config.build import check_target_arguments, instantiate_group
 from vitexp.config.command_line import check_command_line, closest, suggest_key
+from vitexp.config.compose import compose
 from vitexp.config.files import (
     conf_dir,
     experiments_dir,
@@ -22,6 +23,7 @@ from vitexp.config.files import (
     register_resolvers,
     set_launch_time,
 )
+from vitexp.config.instantiate import check_target_arguments, instantiate_group
 from vitexp.config.nodes import flat_keys, leaves, missing_keys, plain, walk
 from vitexp.config.settings import (
     DEVICES,
@@ -57,6 +59,7 @@ __all__ = [
     "check_target_arguments",
     "check_value",
     "closest",
+    "compose",
     "conf_dir",
     "declared",
     "describe_type",

@@ -35,7 +35,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf, open_dict
 from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException, ValidationError
 
-from vitexp.config.files import conf_dir, group_options, is_group
+from vitexp.config.files import conf_dir, group_options, is_group, register_experiments, register_resolvers
 from vitexp.config.nodes import flat_keys
 from vitexp.config.settings import describe_type
 from vitexp.errors import ConfigError
@@ -428,10 +428,13 @@ def check_command_line(
     run `check(cfg)` (e.g. `config.validate`) then judges the values, before Hydra makes a run
     directory; in a sweep each job does, so that one bad value fails its own job only, and
     the sweep's launcher must be installed. Does nothing for a command line only Hydra can
-    judge (--info, another config dir)."""
+    judge (--info, another config dir). Needs no registration step: the `experiment` presets
+    and the resolvers are registered here, as the command registers them for Hydra."""
     args = hydra_args(argv)
     if args is None:
         return
+    register_experiments()
+    register_resolvers()
     config_name = args.config_name or config_name
     check_group_choices(args.overrides)
     parsed = parse_overrides(args.overrides)

@@ -86,6 +86,17 @@ class Pattern:
         return written and re.fullmatch(self.regex, str(value)) is not None
 
 
+@dataclasses.dataclass(frozen=True)
+class Globs(Pattern):
+    """A word that `regex` matches, or a non-empty list of non-empty strings (glob patterns of
+    names, such as `trainer.freeze=[patch_embed.*,blocks.0.*]`)."""
+
+    def holds(self, value: Any) -> bool:
+        if OmegaConf.is_list(value) or isinstance(value, list | tuple):
+            return len(value) > 0 and all(isinstance(item, str) and item for item in value)
+        return isinstance(value, str) and super().holds(value)
+
+
 Domain = Range | Choices | Pattern
 
 POSITIVE = Range("[1, inf)", "must be positive")
@@ -215,6 +226,28 @@ class TrainerConfig:
     eval_hflip: bool = setting(
         False, "also evaluate with left-right flip averaging (val_hflip/*); val/* still picks best.pt"
     )
+    # Any: a word or a list of patterns (OmegaConf has no str | list[str]); the default is None.
+    freeze: Any = setting(  # noqa: RUF009
+        None,
+        "backbone: only the classifier trains (a linear probe); or glob patterns of the parameter names "
+        "to freeze, e.g. [embeddings.*,encoder.layer.0.*]; frozen ones get no gradient, optimizer state "
+        "or weight decay",
+        domain=Globs(
+            r"backbone",
+            "null | backbone | [PATTERN,...]",
+            "must be backbone, a list of glob patterns of parameter names ([PATTERN,...]), or null to "
+            "train every parameter",
+        ),
+        on_resume="fixed",
+    )
+    train_last_blocks: int | None = setting(
+        None,
+        "train only the last N transformer blocks and what follows them (final norm, head); 0: the head",
+        domain=Range(
+            "[0, inf)", "must not be negative (0 trains the head alone), or null to train every block"
+        ),
+        on_resume="fixed",
+    )
     # Any: auto or an integer (OmegaConf has no int | str); ruff cannot tell the default is immutable.
     num_threads: Any = setting(  # noqa: RUF009
         "auto",
@@ -294,6 +327,11 @@ GROUP_SETTINGS = (
     Declared("optimizer.weight_decay", float, Range("[0, inf)", "must not be negative")),
     Declared("optimizer.momentum", float, Range("[0, 1)", "must be in [0, 1) (0.9 is usual)")),
     Declared(
+        "optimizer.layer_decay",
+        float | None,
+        Range("(0, 1]", "must be in (0, 1] (0.65 to 0.75 is usual), or null for one rate for all layers"),
+    ),
+    Declared(
         "scheduler.warmup_steps",
         int | None,
         Range("[0, inf)", "must not be negative, or null to count the warmup in epochs"),
@@ -322,6 +360,11 @@ GROUP_SETTINGS = (
         ),
     ),
     Declared("dataset.on_error", str, Choices(("fail", "skip"))),
+    Declared(
+        "logger.wandb.init_timeout",
+        float,
+        Range("(0, inf)", "must be positive (seconds wandb.init may take before the run logs offline)"),
+    ),
     Declared("seed", int, Range("[0, inf)", "must not be negative")),
 )
 

@@ -9,6 +9,7 @@ meant, follow.
 from __future__ import annotations
 
 import math
+import os
 import re
 from collections.abc import Callable
 from typing import Any
@@ -19,6 +20,7 @@ from omegaconf.errors import InterpolationResolutionError
 from vitexp.config.command_line import closest, suggest_key, unknown_key_line
 from vitexp.config.nodes import missing_keys
 from vitexp.config.settings import Choices, Declared, Domain, TrainerConfig, declared
+from vitexp.config.tracking import wandb_mode
 from vitexp.errors import ConfigError
 
 _ABSENT = object()
@@ -98,6 +100,9 @@ def validate(cfg: DictConfig) -> list[str]:
     if batch is not _ABSENT and accum is not _ABSENT:
         check_batch_split(batch, accum)
     _check_streams(get)
+    mode = get("logger.wandb.mode")
+    if mode not in (_ABSENT, "auto") or (mode is not _ABSENT and os.environ.get("WANDB_MODE")):
+        wandb_mode(str(mode))  # online without credentials: one line now, not once the run is built
     return _warnings(get)
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterator, Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -25,6 +26,9 @@ class BatchTransform:
     plus translation, a flip negates the x axis, and the resize to `img_size` is the output
     grid's size.
 
+    `interpolation` (bilinear, bicubic or nearest) resamples: bilinear for vitexp's models,
+    a timm model's own (bicubic for most) for `model=timm`.
+
     `policy`, when given, is a batched per-sample augmentation such as
     `vitexp.data.augment.RandAugment` or `TrivialAugment`: called as `policy(images, generator)`
     on the cropped float batch in [0, 1], just before normalisation, drawing from the same
@@ -42,7 +46,11 @@ class BatchTransform:
         rrc_scale: Sequence[float] | None = None,
         rrc_ratio: Sequence[float] = (3 / 4, 4 / 3),
         policy: Callable[[Tensor, torch.Generator | None], Tensor] | None = None,
+        interpolation: str = "bilinear",
     ) -> None:
+        if interpolation not in ("bilinear", "bicubic", "nearest"):
+            raise ConfigError(f"interpolation={interpolation} is not one of bilinear, bicubic, nearest")
+        self.interpolation = interpolation
         self.out_size = (img_size, img_size) if isinstance(img_size, int) else tuple(int(s) for s in img_size)
         self.mean = torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1)
         self.std = torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1)
@@ -89,7 +97,7 @@ class BatchTransform:
         """Deterministic path: resize (if needed) and normalise."""
         x = images.float().div_(255)
         if tuple(x.shape[-2:]) != self.out_size:
-            x = F.interpolate(x, size=self.out_size, mode="bilinear", antialias=True, align_corners=False)
+            x = self._clamped(F.interpolate(x, size=self.out_size, **self._resize_options()))
         return self._normalize(x)
 
     def train(self, images: Tensor, generator: torch.Generator | None = None) -> Tensor:
@@ -137,7 +145,18 @@ class BatchTransform:
         zero = torch.zeros_like(w)
         theta = torch.stack([torch.stack([sx, zero, cx], 1), torch.stack([zero, h, cy], 1)], 1)
         grid = F.affine_grid(theta, [batch, x.shape[1], *self.out_size], align_corners=False)
-        return F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+        return self._clamped(
+            F.grid_sample(x, grid, mode=self.interpolation, padding_mode="zeros", align_corners=False)
+        )
+
+    def _resize_options(self) -> dict[str, Any]:
+        if self.interpolation == "nearest":
+            return {"mode": "nearest"}
+        return {"mode": self.interpolation, "antialias": True, "align_corners": False}
+
+    def _clamped(self, x: Tensor) -> Tensor:
+        """Bicubic overshoots [0, 1] at edges; PIL, whose resize timm's recipes use, clips it."""
+        return x.clamp_(0.0, 1.0) if self.interpolation == "bicubic" else x
 
 
 def eval_batches(

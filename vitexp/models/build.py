@@ -26,6 +26,7 @@ from vitexp.errors import ConfigError, DataError
 from vitexp.models.cct import CCT
 from vitexp.models.cvt import CvT
 from vitexp.models.hybrid import HybridVisionTransformer
+from vitexp.models.timm_models import create_timm_model, timm_model
 from vitexp.models.vit import VisionTransformer
 from vitexp.models.weights import load_pretrained as load_pretrained_weights
 from vitexp.models.weights import resolve_weights
@@ -37,20 +38,25 @@ __all__ = [
     "StoredModel",
     "build_model",
     "build_stored_model",
+    "class_count",
+    "input_size",
 ]
 
 # Keys of a model config that say how to initialise the model rather than what to build.
 LOAD_KEYS = ("pretrained", "pretrained_format")
 
 _MODEL_CLASSES: tuple[type[nn.Module], ...] = (VisionTransformer, HybridVisionTransformer, CvT, CCT)
-# What `build_stored_model` returns: one of those classes (the hybrid is a VisionTransformer).
-StoredModel: TypeAlias = VisionTransformer | CvT | CCT
-# Every path a stored config may name a model class by: the public one that `conf/` writes
-# (`vitexp.models.CvT`) and the defining module's (`vitexp.models.cvt.CvT`).
+# What `build_stored_model` returns: one of those classes (the hybrid is a VisionTransformer), or
+# a timm model (`model=timm`), which has the same `num_classes` and `img_size`.
+StoredModel: TypeAlias = VisionTransformer | CvT | CCT | nn.Module
+# Every path a stored config may name a model constructor by: the public one that `conf/` writes
+# (`vitexp.models.CvT`) and the defining module's (`vitexp.models.cvt.CvT`). timm's models are
+# built by name through `timm_model`, which refuses arguments that would read files.
+_CONSTRUCTORS: tuple[Callable[..., nn.Module], ...] = (*_MODEL_CLASSES, timm_model)
 MODEL_REGISTRY: dict[str, Callable[..., nn.Module]] = {
-    path: cls
-    for cls in _MODEL_CLASSES
-    for path in (f"vitexp.models.{cls.__name__}", f"{cls.__module__}.{cls.__qualname__}")
+    path: fn
+    for fn in _CONSTRUCTORS
+    for path in (f"vitexp.models.{fn.__name__}", f"{fn.__module__}.{fn.__qualname__}")
 }
 
 
@@ -103,12 +109,31 @@ def build_model(model_cfg: Mapping[str, Any], *, load_pretrained: bool = True) -
             f"model.{directives[0]} is not supported: a model config is its _target_ and keyword arguments"
         )
     check_arguments(target, kwargs, "model")
-    model = target(**{key: _instantiate_nested(value) for key, value in kwargs.items()})
     source = config.get("pretrained")
+    if target is timm_model:  # timm fetches nothing itself but loads and adapts its own weights
+        return create_timm_model(**kwargs, pretrained=source if load_pretrained else None)
+    model = target(**{key: _instantiate_nested(value) for key, value in kwargs.items()})
     if load_pretrained and source:
         weights = resolve_weights(str(source))
         load_pretrained_weights(model, weights, fmt=str(config.get("pretrained_format") or "auto"))
     return model
+
+
+def input_size(model: nn.Module) -> tuple[int, int]:
+    """The (height, width) a model takes: every vitexp model, and a timm model built by
+    `timm_model`, has it as `img_size`."""
+    size = getattr(model, "img_size", None)
+    if not (isinstance(size, tuple) and len(size) == 2):
+        raise ConfigError(f"model: {type(model).__name__} has no img_size (height, width) to feed it at")
+    return int(size[0]), int(size[1])
+
+
+def class_count(model: nn.Module) -> int:
+    """The number of classes a model scores (its `num_classes`, as vitexp's and timm's models have)."""
+    count = getattr(model, "num_classes", None)
+    if not isinstance(count, int):
+        raise ConfigError(f"model: {type(model).__name__} has no num_classes")
+    return count
 
 
 def build_stored_model(model_cfg: Mapping[str, Any], *, source: str) -> StoredModel:

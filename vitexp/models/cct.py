@@ -31,7 +31,7 @@ from typing_extensions import Unpack
 
 from vitexp.errors import ConfigError
 from vitexp.models.checks import check_choice, check_non_negative, check_positive, check_rate, image_size
-from vitexp.models.vit import Encoder, EncoderArguments
+from vitexp.models.vit import Block, Encoder, EncoderArguments, stacked_layers
 
 __all__ = ["CCT", "CCT_ENCODER", "CCTEmbeddings", "ConvTokenizer", "sinusoidal_position_embeddings"]
 
@@ -280,6 +280,16 @@ class CCT(nn.Module):
         return (
             {"embeddings.position_embeddings"} if self.embeddings.position_embedding == "learnable" else set()
         )
+
+    def parameter_layers(self) -> dict[str, int]:
+        """Each parameter's layer, from the tokenizer (0) to the pooling and head (the top), for
+        layer-wise learning-rate decay (`stacked_layers`, as for the ViT)."""
+        return stacked_layers((name for name, _ in self.named_parameters()), len(self.encoder.layer))
+
+    @property
+    def blocks(self) -> list[Block]:
+        """The transformer blocks, bottom to top (`trainer.train_last_blocks` counts them)."""
+        return self.encoder.blocks
 
     def forward_features(self, x: Tensor) -> Tensor:
         """Normalised token sequence, (B, tokens, hidden_size)."""

@@ -23,6 +23,7 @@ with this module's `ConvAttention` in place of the fused-qkv attention. State-di
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Callable, Sequence
 from typing import Any, TypedDict, cast
 
@@ -472,6 +473,32 @@ class CvT(nn.Module):
     def no_weight_decay(self) -> set[str]:
         """Parameter names that should not be decayed (besides norms and biases): the class token."""
         return {f"stages.{i}.cls_token" for i, stage in enumerate(self.stages) if stage.cls_token is not None}
+
+    def parameter_layers(self) -> dict[str, int]:
+        """Each parameter's layer for layer-wise learning-rate decay, numbered as timm numbers
+        its hierarchical models (Swin): 0 the first stage's embedding, then one layer per block
+        across the stages (a later stage's embedding and class token join its first block; the
+        final norm joins the last block), then the head."""
+        first_block, top = [], 1  # the layer of each stage's first block; of the head
+        for stage in self.stage_list:
+            first_block.append(top)
+            top += len(stage.layer)
+
+        def layer(name: str) -> int:
+            found = re.match(r"stages\.(\d+)\.(?:layer\.(\d+)\.)?", name)
+            if found is None:
+                return top - 1 if name.startswith("norm.") else top
+            stage, block = int(found[1]), found[2]
+            if block is not None:
+                return first_block[stage] + int(block)
+            return 0 if stage == 0 else first_block[stage]
+
+        return {name: layer(name) for name, _ in self.named_parameters()}
+
+    @property
+    def blocks(self) -> list[CvTBlock]:
+        """Every stage's blocks, bottom to top (`trainer.train_last_blocks` counts them)."""
+        return [block for stage in self.stage_list for block in stage.blocks]
 
     def forward_features(self, x: Tensor) -> Tensor:
         """Normalised tokens of the last stage, (B, tokens, hidden_size): the class token alone

@@ -11,7 +11,8 @@ arguments, attention runs through one fused qkv projection and
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+import re
+from collections.abc import Callable, Iterable
 from typing import Literal, Protocol, TypedDict, cast
 
 import torch
@@ -304,6 +305,23 @@ class Block(nn.Module):
         return self.attn.attention_weights(self.attention_norm(x))
 
 
+def stacked_layers(names: Iterable[str], num_blocks: int) -> dict[str, int]:
+    """Each parameter's layer in the stack of a model with `embeddings`, an `encoder` of
+    `num_blocks` blocks and a head, numbered as timm's `group_matcher` numbers its ViT (so
+    `optimizer.layer_decay` scales them as timm does): 0 the embeddings, i + 1 block i (the
+    final norm joins the last block), num_blocks + 1 the rest (pre-logits, pooling, classifier)."""
+
+    def layer(name: str) -> int:
+        if name.startswith("embeddings."):
+            return 0
+        block = re.match(r"encoder\.layer\.(\d+)\.", name)
+        if block:
+            return int(block[1]) + 1
+        return num_blocks if name.startswith("encoder.encoder_norm.") else num_blocks + 1
+
+    return {name: layer(name) for name in names}
+
+
 def drop_path_rates(drop_path_rate: float, num_layers: int) -> list[float]:
     """Each layer's stochastic-depth rate, growing linearly from 0 to `drop_path_rate` (Huang et al.
     2016; as in DeiT, timm and microsoft/CvT). Plain Python, not torch.linspace(...).tolist(), so
@@ -539,6 +557,16 @@ class VisionTransformer(nn.Module):
     def no_weight_decay(self) -> set[str]:
         """Parameter names that should not be decayed (besides norms and biases)."""
         return {"embeddings.position_embeddings", "embeddings.cls_token"}
+
+    def parameter_layers(self) -> dict[str, int]:
+        """Each parameter's layer, from the embeddings (0) to the head (the top), for
+        layer-wise learning-rate decay (`stacked_layers`; the hybrid's ResNet is embeddings)."""
+        return stacked_layers((name for name, _ in self.named_parameters()), len(self.encoder.layer))
+
+    @property
+    def blocks(self) -> list[Block]:
+        """The transformer blocks, bottom to top (`trainer.train_last_blocks` counts them)."""
+        return self.encoder.blocks
 
     def forward_features(self, x: Tensor) -> Tensor:
         """Normalised token sequence, (B, tokens, hidden_size)."""

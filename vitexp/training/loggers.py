@@ -9,16 +9,15 @@ from __future__ import annotations
 
 import json
 import logging
-import netrc
 import os
 import subprocess
-import urllib.parse
 from collections.abc import Mapping
 from pathlib import Path
-from typing import IO, Any, Literal, cast
+from typing import IO, Any
 
 import torch
 
+from vitexp.config.tracking import wandb_mode
 from vitexp.errors import ConfigError, first_line
 
 log = logging.getLogger(__name__)
@@ -56,51 +55,6 @@ class JsonlLogger:
         if self._file is not None:
             self._file.close()
             self._file = None
-
-
-WANDB_MODES = ("auto", "online", "offline", "disabled")
-# What WANDB_MODE may also say (wandb's older names).
-_MODE_ALIASES = {"dryrun": "offline", "run": "online"}
-
-
-def _wandb_credentials() -> bool:
-    """Whether W&B has an API key to log in with: WANDB_API_KEY (or an identity token file),
-    or a netrc entry (`wandb login` writes one) for the W&B server."""
-    if os.environ.get("WANDB_API_KEY") or os.environ.get("WANDB_IDENTITY_TOKEN_FILE"):
-        return True
-    base = os.environ.get("WANDB_BASE_URL")
-    if base:
-        hosts = [urllib.parse.urlsplit(base).netloc]
-    else:
-        import wandb
-
-        hosts = ["api.wandb.ai", urllib.parse.urlsplit(wandb.Settings().base_url).netloc]
-    try:
-        entries = netrc.netrc(os.environ.get("NETRC") or None)
-    except (FileNotFoundError, netrc.NetrcParseError, OSError):
-        return False
-    return any(entries.authenticators(host) is not None for host in hosts)
-
-
-def wandb_mode(mode: str) -> Literal["online", "offline", "disabled"]:
-    """The mode a W&B run starts in: `mode` (`logger.wandb.mode`), unless WANDB_MODE in the
-    environment says otherwise, as W&B users expect; `auto` is online when credentials exist,
-    else offline. A ConfigError in one line for an unknown mode, or `online` without
-    credentials (which W&B would report as a traceback once the run has started)."""
-    env = os.environ.get("WANDB_MODE")
-    said = f"WANDB_MODE={env} (in the environment)" if env else f"logger.wandb.mode={mode}"
-    chosen = _MODE_ALIASES.get(env or mode, env or mode)
-    if chosen not in WANDB_MODES:
-        raise ConfigError(f"{said} is not a W&B mode: use one of {', '.join(WANDB_MODES)}")
-    if chosen == "auto":
-        return "online" if _wandb_credentials() else "offline"
-    if chosen == "online" and not _wandb_credentials():
-        instead = "unset WANDB_MODE" if env else "set logger.wandb.mode=offline (or auto)"
-        raise ConfigError(
-            f"{said} needs W&B credentials and none are set: run `wandb login`, set WANDB_API_KEY, "
-            f"or {instead} to log offline and `wandb sync` later"
-        )
-    return cast(Literal["online", "offline", "disabled"], chosen)
 
 
 class WandbLogger:
@@ -229,6 +183,9 @@ class WandbLogger:
 
         self._guard("images", lambda: self.run.log({name: [to_wandb(i, c) for i, c in images]}, step=step))
 
+    def tag(self, name: str) -> None:
+        self._guard("tag", lambda: setattr(self.run, "tags", (*self.run.tags, name)))
+
     def finish(self) -> None:
         self._guard("finish", lambda: self.run.finish())
 
@@ -261,6 +218,12 @@ class Loggers:
     def images(self, name: str, images: list[tuple[Any, str]], step: int) -> None:
         for logger in self.loggers:
             logger.images(name, images, step)
+
+    def tag(self, name: str) -> None:
+        """Tag the external runs (W&B: `pruned`); loggers without tags ignore it."""
+        for logger in self.loggers:
+            if hasattr(logger, "tag"):
+                logger.tag(name)
 
     def finish(self) -> None:
         for logger in self.loggers:

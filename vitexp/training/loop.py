@@ -15,7 +15,7 @@ import contextlib
 import dataclasses
 import logging
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NamedTuple
@@ -32,12 +32,13 @@ from vitexp.training.checkpoint import save_checkpoint
 from vitexp.training.checkpointing import Checkpoints, CheckpointWriter
 from vitexp.training.context import RunContext
 from vitexp.training.loggers import Loggers
-from vitexp.training.metrics import LossWindow, evaluate
+from vitexp.training.metrics import LossWindow, score
 from vitexp.training.optim import set_lr
 from vitexp.training.preemption import Preempted, PreemptionGuard
 from vitexp.training.records import Fitted, open_records, write_records
 from vitexp.training.setup import LossFn, Run, Step, build, max_epochs
 from vitexp.training.state import TrainState
+from vitexp.training.trial import trial_report
 
 log = logging.getLogger(__name__)
 
@@ -137,6 +138,10 @@ class Loop:
     loggers: Loggers
     checkpoints: Checkpoints
     budget: TimeBudget | None = None
+    # Called after each evaluation with (epoch, monitored value, whether it is the last one);
+    # True stops the run there (an Optuna trial whose pruner says so: vitexp.training.trial).
+    after_eval: Callable[[int, float, bool], bool] | None = None
+    stopped_early: bool = False
     window: LossWindow = field(init=False)
     guard: PreemptionGuard = field(default_factory=PreemptionGuard)
 
@@ -147,13 +152,13 @@ class Loop:
         """Train until the last step (or the time budget); returns the final eval metrics."""
         p, final = self.state.progress, {}
         with self.guard:
-            while p.global_step < p.total_steps and not self.out_of_time():
+            while p.global_step < p.total_steps and not self.out_of_time() and not self.stopped_early:
                 if p.order is None:  # a new epoch; its order is saved with mid-epoch checkpoints
                     p.epoch, p.step_in_epoch = p.epoch + 1, 0
                     p.order = self.run.train_loader.new_order()
                 self.run_epoch()
                 final = self.end_epoch()
-        return final or self.evaluate()  # a resumed finished run is only evaluated again
+        return final or self.val_metrics()  # a resumed finished run is only evaluated again
 
     def run_epoch(self) -> None:
         run, p, t = self.run, self.state.progress, self.run.trainer
@@ -203,10 +208,10 @@ class Loop:
     def end_epoch(self) -> dict[str, float]:
         """Evaluate, keep the best, write last.pt (and best.pt, epoch<N>.pt)."""
         run, p = self.run, self.state.progress
-        metrics = self.evaluate()
+        metrics = self.val_metrics()
         raw = {}
         if run.step.ema is not None:  # the raw weights too, to see what the averaging gives
-            scores = evaluate(run.model, run.eval_loader, run.step.autocast, run.world)
+            scores = score(run.model, run.eval_loader, run.step.autocast, run.world)
             raw = {f"val_raw/{k}": v for k, v in scores.items()}
         self.loggers.log({**metrics, **raw, "epoch": p.epoch}, step=p.global_step)
         current = metrics[run.monitor]
@@ -221,14 +226,18 @@ class Loop:
         )  # fmt: skip
         p.order = None  # the epoch is complete
         self.checkpoints.save(self.state, epoch_end=True, best=improved)  # collective
+        if self.after_eval is not None or self.run.world.distributed:
+            last = p.global_step >= p.total_steps
+            stop = self.after_eval is not None and self.after_eval(p.epoch, current, last)
+            self.stopped_early = bool(distributed.agree(stop, self.run.world))  # rank 0 reports
         return metrics
 
-    def evaluate(self) -> dict[str, float]:
+    def val_metrics(self) -> dict[str, float]:
         run = self.run
-        scores = evaluate(run.eval_model, run.eval_loader, run.step.autocast, run.world)
+        scores = score(run.eval_model, run.eval_loader, run.step.autocast, run.world)
         metrics = {f"val/{k}": v for k, v in scores.items()}
         if run.trainer.eval_hflip:  # reported beside the plain figures, which still pick best.pt
-            flipped = evaluate(run.eval_model, run.eval_loader, run.step.autocast, run.world, hflip=True)
+            flipped = score(run.eval_model, run.eval_loader, run.step.autocast, run.world, hflip=True)
             metrics.update({f"val_hflip/{k}": v for k, v in flipped.items()})
         return metrics
 
@@ -300,11 +309,13 @@ def quiet_rank() -> None:
 
 def log_start(run: Run, ctx: RunContext, total_steps: int) -> None:
     n_params = sum(p.numel() for p in run.model.parameters())
+    trainable = sum(p.numel() for p in run.model.parameters() if p.requires_grad)
     t = run.trainer
     where = f"{run.world.size} processes × {run.device.type}" if run.world.distributed else str(run.device)
     log.info(
-        "%.2fM params | %d train / %d %s images | %d epochs × %d steps × %d images | %s, %s | %s",
-        n_params / 1e6, len(run.train_split), len(run.eval_split), run.eval_name,
+        "%.2fM params, %.2fM trainable | %d train / %d %s images | %d epochs × %d steps × %d images | "
+        "%s, %s | %s",
+        n_params / 1e6, trainable / 1e6, len(run.train_split), len(run.eval_split), run.eval_name,
         max_epochs(run, total_steps), run.steps_per_epoch, t.batch_size, where, t.precision, ctx.run_dir,
     )  # fmt: skip
 
@@ -339,7 +350,8 @@ def _run_dir_of(cfg: DictConfig, run_dir: str | Path | None) -> Path:
 
 
 def fit(run: Run, ctx: RunContext, state: TrainState, loggers: Loggers, checkpoints: Checkpoints) -> Fitted:
-    """Train from where `state` is to the last step (or the time budget)."""
+    """Train from where `state` is to the last step (or the time budget, or until the run's
+    Optuna trial is pruned)."""
     budget = None
     if run.trainer.max_time is not None:
         # The budget covers training and per-epoch evaluation; a resumed run gets what is left.
@@ -349,7 +361,12 @@ def fit(run: Run, ctx: RunContext, state: TrainState, loggers: Loggers, checkpoi
             "time budget: %.0f s (trainer.max_time); the schedule adapts to the pace", run.trainer.max_time
         )
     log_start(run, ctx, run.total_steps)
-    final = Loop(run, ctx, state, loggers, checkpoints, budget).fit()
+    after_eval = trial_report(run.cfg) if run.world.is_main else None
+    loop = Loop(run, ctx, state, loggers, checkpoints, budget, after_eval)
+    final = loop.fit()
+    if loop.stopped_early:
+        loggers.tag("pruned")
+        return Fitted(final, "pruned")
     # The budget ends the run by fitting its length to the time left: it ends on time, before
     # the steps max_epochs/max_steps would give.
     on_time = budget is not None and (budget.spent or state.progress.global_step < run.total_steps)

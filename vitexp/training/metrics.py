@@ -1,4 +1,4 @@
-"""What training measures: evaluation over exactly the samples of a loader, and the
+"""What training measures: `score`, loss and accuracy over exactly the samples of a loader, and the
 training loss kept on the device between two log points."""
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ def logits_of(model: nn.Module, x: Tensor, hflip: bool = False) -> Tensor:
 
 
 @torch.no_grad()
-def evaluate(
+def score(
     model: nn.Module,
     loader: Any,
     autocast: contextlib.AbstractContextManager,

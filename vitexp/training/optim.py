@@ -7,33 +7,81 @@ each step (`set_lr`), as nanoGPT does, so a schedule has no state to save or res
 
 from __future__ import annotations
 
+import fnmatch
 import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
+from omegaconf import DictConfig
 from torch import nn
 
+from vitexp.config import instantiate_group, plain
 from vitexp.errors import ConfigError
 
 
-def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    """Two groups: decayed weights, and parameters that weight decay should not shrink
-    (norms, biases, position embeddings and class token; anything 1-D or named by the
-    model's `no_weight_decay()`)."""
+def param_groups(model: nn.Module, weight_decay: float, *, layer_decay: float | None = None) -> list[dict]:
+    """The trainable parameters (frozen ones have no group) in groups by weight decay: weights
+    are decayed, parameters that weight decay should not shrink are not (norms, biases,
+    position embeddings and tokens: anything 1-D or matched by the model's `no_weight_decay()`,
+    as timm matches them).
+
+    With `layer_decay` (BEiT's layer-wise learning-rate decay, timm's `--layer-decay`), each
+    parameter's layer comes from `parameter_layers` (the embeddings at 0, the head at the top)
+    and its group's `lr_scale` is layer_decay ** (top - layer), as in timm's
+    `param_groups_layer_decay`; `build_optimizer` multiplies it into the group's rate. Groups are
+    ordered from the top layer down, decayed weights first: the first group runs at the
+    configured rate, the one the loop logs."""
     named_skip = getattr(model, "no_weight_decay", None)
     skip = set(named_skip()) if callable(named_skip) else set()
-    decay: list[nn.Parameter] = []
-    no_decay: list[nn.Parameter] = []
+    layers = parameter_layers(model) if layer_decay is not None else {}
+    top = max(layers.values(), default=0)
+    groups: dict[tuple[int, bool], dict[str, Any]] = {}
     for name, param in model.named_parameters():
         if not param.requires_grad:
             continue
-        (no_decay if param.ndim <= 1 or name in skip else decay).append(param)
-    return [
-        {"params": decay, "weight_decay": weight_decay},
-        {"params": no_decay, "weight_decay": 0.0},
-    ]
+        decayed = param.ndim > 1 and not any(fnmatch.fnmatchcase(name, pattern) for pattern in skip)
+        layer = layers.get(name, top)
+        if (layer, decayed) not in groups:
+            groups[layer, decayed] = {"params": [], "weight_decay": weight_decay if decayed else 0.0}
+            if layer_decay is not None:
+                groups[layer, decayed]["lr_scale"] = layer_decay ** (top - layer)
+        groups[layer, decayed]["params"].append(param)
+    return [groups[key] for key in sorted(groups, key=lambda key: (-key[0], not key[1]))]
+
+
+def parameter_layers(model: nn.Module) -> dict[str, int]:
+    """Each parameter's layer for layer-wise learning-rate decay: the model's own numbering
+    (vitexp's families: `parameter_layers()`), else timm's grouping of a timm model
+    (`group_matcher`, as `timm.optim.param_groups_layer_decay` reads it)."""
+    own = getattr(model, "parameter_layers", None)
+    if callable(own):
+        layers: dict[str, int] = own()
+        return layers
+    if hasattr(model, "group_matcher") or hasattr(model, "pretrained_cfg"):
+        from vitexp.models.timm_models import timm_parameter_layers
+
+        return timm_parameter_layers(model)
+    raise ConfigError(
+        f"optimizer.layer_decay: {type(model).__name__} does not say which layer each parameter is in (no "
+        f"parameter_layers() or timm's group_matcher()); set optimizer.layer_decay=null"
+    )
+
+
+def build_optimizer(optimizer_cfg: Mapping[str, Any], model: nn.Module) -> torch.optim.Optimizer:
+    """The optimizer a config names (`_target_` with `_partial_: true`, plus vitexp's
+    `layer_decay`) over `param_groups(model)`, each group's rate the configured one times its
+    `lr_scale`: the loop's schedule multiplies these rates (`set_lr`)."""
+    spec = plain(optimizer_cfg) if isinstance(optimizer_cfg, DictConfig) else dict(optimizer_cfg)
+    layer_decay = spec.pop("layer_decay", None)
+    groups = param_groups(model, float(spec.get("weight_decay") or 0), layer_decay=layer_decay)
+    if not groups:
+        raise ConfigError("no parameter is left to train (trainer.freeze freezes them all); freeze fewer")
+    optimizer: torch.optim.Optimizer = instantiate_group("optimizer", spec)(groups)
+    for group in optimizer.param_groups:
+        group["lr"] *= group.get("lr_scale", 1.0)
+    return optimizer
 
 
 def constant(step: int, *, warmup_steps: int = 0, total_steps: int = 0) -> float:

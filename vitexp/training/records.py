@@ -12,6 +12,7 @@ import torch
 from omegaconf import OmegaConf
 
 from vitexp.config import instantiate_group
+from vitexp.curves import write_curves
 from vitexp.training.context import RunContext
 from vitexp.training.loggers import JsonlLogger, Loggers, git_state, write_json
 from vitexp.training.setup import Run
@@ -25,7 +26,7 @@ class Fitted(NamedTuple):
     """How training ended: the final evaluation's metrics, and what stopped it."""
 
     final: dict[str, float]
-    stopped_by: str  # "max_time" or "max_epochs/max_steps"
+    stopped_by: str  # "max_time", "max_epochs/max_steps", or "pruned" (its Optuna trial's pruner)
 
 
 def open_records(run: Run, ctx: RunContext, state: TrainState) -> Loggers:
@@ -110,6 +111,7 @@ def write_records(
         "wall_seconds": round(time.time() - started, 2),
         "images_per_sec": round(images_per_sec, 1),
         "params": n_params,
+        "trainable_params": sum(param.numel() for param in run.model.parameters() if param.requires_grad),
         "device": str(run.device),
         "world_size": run.world.size,
         "precision": t.precision,
@@ -120,6 +122,7 @@ def write_records(
     }
     if run.world.is_main:
         write_json(ctx.run_dir / "summary.json", summary)
+        write_curves(ctx.run_dir)  # curves.png: losses, accuracy and learning rate against steps
     loggers.summary({f"best/{run.monitor}": p.best_value, **{f"final/{k}": v for k, v in final.items()}})
     log.info(
         "done: best %s %.4f (epoch %d), final %.4f | %.1f s training, %.0f images/s | %s",

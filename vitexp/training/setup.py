@@ -34,7 +34,8 @@ from vitexp.data import BatchTransform, FileSplit, ImageData, Split, carve_valid
 from vitexp.data.augment import RandAugment, TrivialAugment, mixup_cutmix
 from vitexp.data.loaders import DeviceLoader, FolderLoader
 from vitexp.errors import ConfigError, VitexpError, with_context
-from vitexp.models import build_model
+from vitexp.models import build_model, input_size
+from vitexp.models.timm_models import is_timm_model, timm_inputs
 from vitexp.runtime import (
     autocast_context,
     configure_backends,
@@ -43,35 +44,45 @@ from vitexp.runtime import (
     rank_seed,
     seed_everything,
     set_threads,
-    unwrap,
 )
 from vitexp.training import distributed
 from vitexp.training.distributed import World
 from vitexp.training.ema import Ema
-from vitexp.training.optim import Schedule, make_schedule, param_groups
+from vitexp.training.finetune import freeze
+from vitexp.training.optim import Schedule, build_optimizer, make_schedule
 
 log = logging.getLogger(__name__)
 
 LossFn = Callable[[Tensor, Tensor], Tensor]
 
 
-def build_transform(cfg: DictConfig, img_size: tuple[int, int]) -> BatchTransform:
-    """The dataset's augmentation at the model's resolution, with an optional RandAugment or
-    TrivialAugment policy (`dataset.augment.randaugment: {num_ops, magnitude}` or
-    `dataset.augment.trivialaugment: true`), all applied batched on the device."""
+def model_inputs(cfg: DictConfig, model: nn.Module) -> dict[str, Any]:
+    """How images are normalised and resampled for the model: a timm model's own (its
+    pretrained config, or model.mean/std/interpolation), else the dataset's mean and std,
+    bilinear. Checkpoints store it (`inputs`), so inference prepares images the same way."""
+    if is_timm_model(model):
+        own = timm_inputs(model)
+        log.info(
+            "model=timm: inputs normalised with the model's mean %s and std %s, %s resampling (not "
+            "dataset.mean/std; model.mean/std/interpolation override them)",
+            list(own.mean), list(own.std), own.interpolation,
+        )  # fmt: skip
+        return {"mean": list(own.mean), "std": list(own.std), "interpolation": own.interpolation}
+    return {"mean": list(cfg.dataset.mean), "std": list(cfg.dataset.std), "interpolation": "bilinear"}
+
+
+def build_transform(cfg: DictConfig, img_size: tuple[int, int], inputs: dict[str, Any]) -> BatchTransform:
+    """The dataset's augmentation at the model's resolution, normalised and resampled as
+    `inputs` says (`model_inputs`), with an optional RandAugment or TrivialAugment policy
+    (`dataset.augment.randaugment: {num_ops, magnitude}` or `dataset.augment.trivialaugment:
+    true`), all applied batched on the device."""
     augment = plain(cfg.dataset.augment)
     randaugment, trivial = augment.pop("randaugment", None), augment.pop("trivialaugment", False)
     if randaugment and trivial:
         raise ConfigError("dataset.augment: choose randaugment or trivialaugment, not both")
     policy = RandAugment(**randaugment) if randaugment else TrivialAugment() if trivial else None
     try:
-        return BatchTransform(
-            img_size=img_size,
-            mean=list(cfg.dataset.mean),
-            std=list(cfg.dataset.std),
-            policy=policy,
-            **augment,
-        )
+        return BatchTransform(img_size=img_size, policy=policy, **inputs, **augment)
     except ConfigError as e:
         raise ConfigError(f"dataset.augment: {e}") from e
 
@@ -112,6 +123,7 @@ class Run:
     eval_split: Split | FileSplit
     eval_name: str  # "test", or "val" with dataset.val_split
     transform: BatchTransform
+    inputs: dict[str, Any]  # the transform's mean, std and interpolation, as checkpoints store them
     train_loader: DeviceLoader | FolderLoader
     eval_loader: DeviceLoader | FolderLoader
     data_generator: torch.Generator  # the shared epoch order, on the CPU (on the CPU alone, augmentation too)
@@ -156,15 +168,6 @@ def _load_data(
             f"({len(train_split)} images); lower trainer.batch_size"
         )
     return data, train_split, eval_split, eval_name
-
-
-def _img_size(model: nn.Module) -> tuple[int, int]:
-    """The (height, width) the model takes; every vitexp model, and any model to train with
-    it, has `img_size`."""
-    size = getattr(unwrap(model), "img_size", None)
-    if not (isinstance(size, tuple) and len(size) == 2):
-        raise ConfigError(f"model: {type(model).__name__} has no img_size (height, width) to feed it at")
-    return (int(size[0]), int(size[1]))
 
 
 def _build_model(cfg: DictConfig, device: torch.device, *, resuming: bool) -> nn.Module:
@@ -255,10 +258,10 @@ def _step(
 ) -> Step:
     """The optimizer, the wrappers, the loss and the EMA: what one training step uses."""
     device = next(model.parameters()).device
-    # No weight decay on norms, biases and embeddings; the rate is set from the schedule
-    # before every step.
-    make_optimizer = instantiate_group("optimizer", cfg.optimizer)  # a partial: `_partial_: true`
-    optimizer = make_optimizer(param_groups(model, float(cfg.optimizer.get("weight_decay") or 0)))
+    # No weight decay on norms, biases and embeddings; frozen parameters have no group; each
+    # group's rate (its layer's, with optimizer.layer_decay) is scaled by the schedule before
+    # every step.
+    optimizer = build_optimizer(cfg.optimizer, model)
     # EMA of the weights: it is the model that is evaluated, picks best.pt and is used for inference.
     ema = Ema(model, t.ema_decay) if t.ema_decay else None
     if world.distributed and not resuming:
@@ -313,7 +316,9 @@ def build(
     configure_backends(device, deterministic=t.deterministic)
     data, train_split, eval_split, eval_name = _load_data(cfg, t)
     model = _build_model(cfg, device, resuming=resuming)
-    transform = build_transform(cfg, _img_size(model))
+    freeze(model, t.freeze, t.train_last_blocks)  # before the optimizer: frozen parameters get no state
+    inputs = model_inputs(cfg, model)
+    transform = build_transform(cfg, input_size(model), inputs)
     train_loader, eval_loader, data_generator, augment_generator = _loaders(
         cfg, t, world, device, transform, (train_split, eval_split)
     )
@@ -334,6 +339,7 @@ def build(
         eval_split=eval_split,
         eval_name=eval_name,
         transform=transform,
+        inputs=inputs,
         train_loader=train_loader,
         eval_loader=eval_loader,
         data_generator=data_generator,

@@ -98,6 +98,7 @@ class TrainState:
             "world_size": run.world.size,
             "config": run.config,
             "classes": list(run.data.classes),
+            "inputs": run.inputs,  # mean, std, interpolation: how inference prepares images
             "logger_ids": dict(self.logger_ids),
         }
 

@@ -170,14 +170,15 @@ def cache_dir() -> Path:
     return Path(torch.hub.get_dir()) / "checkpoints"
 
 
-def resolve_weights(source: str | os.PathLike[str]) -> Path:
+def resolve_weights(source: str | os.PathLike[str], *, hub_files: tuple[str, ...] = HF_WEIGHT_FILES) -> Path:
     """The local file (or `save_pretrained` folder) that `source` names, downloaded first when
-    needed; see the module's docstring. ConfigError for a source that does not exist (an
-    unknown name, a Hub repo or revision that is not there); DataError for a download that
-    fails or a file that is damaged; each one line."""
+    needed; see the module's docstring. `hub_files`: the files of a Hub repo to look for, in
+    order (timm names one where its weights have another name). ConfigError for a source that
+    does not exist (an unknown name, a Hub repo or revision that is not there); DataError for a
+    download that fails or a file that is damaged; each one line."""
     text = os.fspath(source).strip()
     if text.startswith(HUB_PREFIX):
-        return _from_hub(text[len(HUB_PREFIX) :])
+        return _from_hub(text[len(HUB_PREFIX) :], hub_files)
     if re.match(r"https?://", text, flags=re.IGNORECASE):
         url, sha256 = _split_checksum(text)
         return _cached_download(url, _url_cache_path(url), what=url, sha256=sha256)
@@ -213,8 +214,9 @@ def _not_found(text: str, path: Path) -> ConfigError | DataError:
 # --------------------------------------------------------------------------- Hugging Face Hub
 
 
-def _from_hub(spec: str) -> Path:
-    """`ORG/NAME[@REVISION]` → the cached weights file of that repo, through huggingface_hub."""
+def _from_hub(spec: str, filenames: tuple[str, ...] = HF_WEIGHT_FILES) -> Path:
+    """`ORG/NAME[@REVISION]` → the cached weights file of that repo (the first of `filenames`
+    it has), through huggingface_hub."""
     import huggingface_hub
     from huggingface_hub import constants
     from huggingface_hub.errors import LocalEntryNotFoundError
@@ -224,7 +226,7 @@ def _from_hub(spec: str) -> Path:
     if not repo_id or (at and not revision):
         raise ConfigError(f"model.pretrained={source} names no repo: write {HUB_PREFIX}ORG/NAME[@REVISION]")
     unreachable: LocalEntryNotFoundError | None = None
-    for filename in HF_WEIGHT_FILES:
+    for filename in filenames:
         with _hub_errors(source, filename), _one_line_for_retries(source):
             try:
                 return Path(
@@ -243,14 +245,20 @@ def _from_hub(spec: str) -> Path:
             except huggingface_hub.errors.EntryNotFoundError:
                 continue  # the repo has no such file: try the next layout
     if unreachable is not None:
-        raise DataError(_hub_unreachable(source, repo_id, unreachable, constants.HF_HUB_CACHE))
+        raise DataError(_hub_unreachable(source, repo_id, unreachable, constants.HF_HUB_CACHE, filenames))
     raise ConfigError(
-        f"model.pretrained={source}: the repo holds neither {' nor '.join(HF_WEIGHT_FILES)}; point at a "
+        f"model.pretrained={source}: {_none_of(filenames)} in the repo; point at a "
         f"repo of timm or transformers ViT weights"
     )
 
 
-def _hub_unreachable(source: str, repo_id: str, error: BaseException, cache: str) -> str:
+def _none_of(filenames: tuple[str, ...]) -> str:
+    return f"neither {' nor '.join(filenames)} is" if len(filenames) > 1 else f"{filenames[0]} is not"
+
+
+def _hub_unreachable(
+    source: str, repo_id: str, error: BaseException, cache: str, filenames: tuple[str, ...] = HF_WEIGHT_FILES
+) -> str:
     from huggingface_hub import constants
 
     if constants.is_offline_mode():
@@ -259,7 +267,7 @@ def _hub_unreachable(source: str, repo_id: str, error: BaseException, cache: str
         cause = error.__cause__ or error
         reason = f"{constants.ENDPOINT} cannot be reached: {_first_line(cause)}"
     return (
-        f"cannot fetch {source}: neither {' nor '.join(HF_WEIGHT_FILES)} is in the Hub cache {cache} and "
+        f"cannot fetch {source}: {_none_of(filenames)} in the Hub cache {cache} and "
         f"{reason}; on a machine with a network run `hf download {repo_id}` (or python -m vitexp.weights "
         f"{source}) and copy its cache there (HF_HOME), then run again, with HF_HUB_OFFLINE=1"
     )
