@@ -1,5 +1,7 @@
 # Two entry points: `make quickstart` trains on bundled data, `make test` runs the checks and
-# the suite. Both create .venv on first use and reinstall only when pyproject.toml or
+# the fast test tier (unit and contract tests, one smoke test per command: what to run after
+# every change); `make test-all` runs every test (the markers slow, sweep, ddp, signals, wandb
+# and slurm in pyproject.toml, which the fast tier leaves out), as CI does. All create .venv on first use and reinstall only when pyproject.toml or
 # constraints.txt changes. The quickstart installs the runtime dependencies only; the tests
 # add the test extras (timm/transformers as references, onnx/onnxruntime, the Hydra sweep
 # plugins and Ray, ruff, mypy, import-linter) and the data extra (datasets, webdataset).
@@ -37,9 +39,11 @@ lint: install-dev
 	$(VENV)/bin/lint-imports
 	$(PY) -m mypy
 
+# PYTEST_ARGS="-m sweep" runs one marker's tests instead (a later -m replaces pyproject's).
 test: lint
 	$(PY) -m pytest $(PYTEST_ARGS)
 
+# -m '' lifts pyproject's selection: every test, marked or not.
 test-all: lint
 	$(PY) -m pytest -m '' $(PYTEST_ARGS)
 
