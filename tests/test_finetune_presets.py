@@ -27,6 +27,7 @@ PRESETS = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("preset", sorted(PRESETS))
 def test_the_preset_trains_from_a_filled_offline_cache(preset, hub_cache, tmp_path):  # noqa: F811
     cfg = compose_cfg([f"experiment={preset}"])

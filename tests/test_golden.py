@@ -64,6 +64,7 @@ def measure(run_dir: Path) -> list[dict]:
     return [{k: v for k, v in row.items() if k != "train/images_per_sec"} for row in rows(run_dir)]
 
 
+@pytest.mark.slow
 def test_the_quickstart_starts_on_its_pinned_trajectory(tmp_path):
     measured = measure(tmp_path / "run")
     assert [(row["step"], row["epoch"], sorted(row)) for row in measured] == [

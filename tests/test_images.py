@@ -224,6 +224,7 @@ def _predict_inputs(trained: TrainedModel, paths: list[str]) -> torch.Tensor:
     return seen[0]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("num_workers", [0, 1])
 def test_training_evaluation_and_predict_feed_the_model_the_same_tensor(folder_and_model, num_workers):
     data, trained = folder_and_model

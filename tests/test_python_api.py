@@ -37,6 +37,7 @@ NOTEBOOK = (
 )
 
 
+@pytest.mark.slow
 def test_compose_and_train_from_a_fresh_interpreter(tmp_path: Path) -> None:
     """What a notebook does: the documented snippet, as written, in a folder that is not the
     checkout; the run logs its progress to the console without any logging set up."""

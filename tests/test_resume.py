@@ -66,6 +66,7 @@ def test_a_changed_weight_decay_is_the_optimizers_after_resume(finished, tmp_pat
     assert after["config"]["optimizer"]["weight_decay"] == 0.2
 
 
+@pytest.mark.slow
 def test_another_optimizer_starts_with_fresh_state_and_says_so(finished, tmp_path, caplog):
     run_dir = continued(finished, tmp_path)
     cfg = compose_cfg([*FAST, "trainer.max_epochs=3", "optimizer=sgd", "trainer.resume=auto", *ALLOW])

@@ -113,6 +113,7 @@ def test_mean_std_interpolation_and_size_come_from_the_model_unless_overridden()
     }  # fmt: skip
 
 
+@pytest.mark.slow
 def test_a_timm_run_from_the_offline_cache_resumes_and_its_checkpoint_serves_every_command(
     dinov2_cache, tmp_path
 ):

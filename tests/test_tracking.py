@@ -120,6 +120,7 @@ def test_summary_json_is_the_local_record(cfg_factory):
 # --------------------------------------------------------------------------- sweeps
 
 
+@pytest.mark.sweep
 def test_multirun_2x1_with_its_report(tmp_path):
     sweep = tmp_path / "sweep"
     result = run_cli(

@@ -229,6 +229,7 @@ def test_cli_run_writes_hydra_run_dir(tmp_path):
     assert "epoch 1/1" in result.stdout and "done: best val/acc1" in result.stdout
 
 
+@pytest.mark.slow
 def test_cli_bad_setting_exits_2_with_one_line_and_no_traceback(tmp_path):
     result = run_cli(*FAKE_TINY, "model.img_size=30", f"hydra.run.dir={tmp_path}")
     assert result.returncode == 2
@@ -337,6 +338,7 @@ def test_trivialaugment_and_randaugment_together_is_an_error(cfg_factory):
         train(cfg)
 
 
+@pytest.mark.slow
 def test_ema_weights_are_evaluated_checkpointed_used_for_inference_and_resumed(cfg_factory, tmp_path):
     from vitexp.commands.evaluate import evaluate_checkpoint
 

@@ -288,6 +288,7 @@ def test_missing_file_on_the_server_is_a_data_error(server: Loopback, torch_home
     assert "(HTTP 404 " in _one_line(error)
 
 
+@pytest.mark.slow
 def test_concurrent_jobs_share_one_download(server: Loopback, tmp_path: Path) -> None:
     """Two processes (as two jobs of a sweep) ask for the same URL: one downloads, the other
     waits on the lock and then reads the cached file; the server sees one request."""
