@@ -63,6 +63,11 @@ BAD = [
     ),
     (["optimizer.layer_decay=1.5"], "optimizer.layer_decay=1.5 must be in (0, 1]"),
     (
+        ["logger=wandb", "logger.wandb.init_timeout=0"],
+        "logger.wandb.init_timeout=0 must be positive (seconds wandb.init may take before the run "
+        "logs offline)",
+    ),
+    (
         ["trainer.train_last_blocks=-1"],
         "trainer.train_last_blocks=-1 must not be negative (0 trains the head alone), or null to train every",
     ),
