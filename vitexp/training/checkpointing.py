@@ -205,6 +205,9 @@ def changes(stored: Mapping[str, Any], current: Mapping[str, Any]) -> dict[str, 
     found = {}
     for key in sorted(before.keys() | after.keys()):
         old, new = before.get(key, _MISSING), after.get(key, _MISSING)
+        # A setting added since the checkpoint was written, at its null default (off), is no change.
+        if old in (_MISSING, None) and new in (_MISSING, None):
+            continue
         if old != new:
             found[key] = (old, new)
     return found
