@@ -15,14 +15,17 @@ import torch
 
 from tests.helpers import REPO, compose_cfg, run_cli
 from tests.test_weights_sources import fill_hub_cache, hub_cache  # noqa: F401 (a fixture)
+from vitexp.commands.attention import attention_figure
 from vitexp.commands.evaluate import evaluate_checkpoint
 from vitexp.commands.export import export_checkpoint
 from vitexp.commands.predict import predict_images
 from vitexp.errors import ConfigError, DataError
 from vitexp.inference import load_trained
 from vitexp.models import build_model, build_stored_model
+from vitexp.models.timm_models import timm_attention_maps
 from vitexp.training import train
 from vitexp.training.checkpoint import load_checkpoint
+from vitexp.viz import compute_attention, has_attention_maps
 
 timm = pytest.importorskip("timm")
 from timm.models._hub import save_for_hf  # noqa: E402
@@ -113,6 +116,42 @@ def test_mean_std_interpolation_and_size_come_from_the_model_unless_overridden()
     }  # fmt: skip
 
 
+def test_a_timm_vits_attention_maps_are_its_softmax_and_leave_it_as_it_was():
+    """Registers too: DINOv2 with 4 register tokens has 5 prefix tokens before the 2×2 patches."""
+    torch.manual_seed(0)
+    model = timm.create_model("vit_small_patch14_reg4_dinov2", depth=2, img_size=28, num_classes=10).eval()
+    fused = [block.attn.fused_attn for block in model.blocks]
+    x = torch.randn(2, 3, 28, 28)
+    maps = timm_attention_maps(model, x)
+    assert [m.shape for m in maps] == [(2, 6, 9, 9)] * 2
+    # The first block's probabilities, computed by hand from its weights.
+    with torch.no_grad():
+        tokens = model.norm_pre(model.patch_drop(model._pos_embed(model.patch_embed(x))))
+        block = model.blocks[0]
+        qkv = block.attn.qkv(block.norm1(tokens)).reshape(2, 9, 3, 6, 64).permute(2, 0, 3, 1, 4)
+        q, k = block.attn.q_norm(qkv[0]), block.attn.k_norm(qkv[1])
+        expected = (q * block.attn.scale @ k.transpose(-2, -1)).softmax(dim=-1)
+    torch.testing.assert_close(maps[0], expected)
+    assert [block.attn.fused_attn for block in model.blocks] == fused
+    assert all(not block.attn.attn_drop._forward_hooks for block in model.blocks)
+    result = compute_attention(model, x)
+    assert result.query == "class token" and result.layers == 2
+    assert result.rollout.shape == (2, 2, 2) and result.heads.shape == (2, 6, 2, 2)
+
+
+def test_attention_of_a_timm_vit_without_class_token_and_a_refusal_for_a_cnn():
+    pooled = timm.create_model(
+        "vit_tiny_patch16_224", depth=1, img_size=32, class_token=False, global_pool="avg", num_classes=3
+    ).eval()
+    result = compute_attention(pooled, torch.randn(1, 3, 32, 32))
+    assert result.query == "mean query" and result.heads.shape == (1, 3, 2, 2)
+    torch.testing.assert_close(result.rollout.sum((1, 2)), torch.ones(1))
+    cnn = timm.create_model("resnet10t", num_classes=3)
+    assert not has_attention_maps(cnn)
+    with pytest.raises(ConfigError, match=r"drawn for vitexp's ViTs and timm's ViT family, not ResNet$"):
+        compute_attention(cnn, torch.randn(1, 3, 32, 32))
+
+
 @pytest.mark.slow
 def test_a_timm_run_from_the_offline_cache_resumes_and_its_checkpoint_serves_every_command(
     dinov2_cache, tmp_path
@@ -146,6 +185,8 @@ def test_a_timm_run_from_the_offline_cache_resumes_and_its_checkpoint_serves_eve
     torch.jit.load(str(exported), _extra_files=extra)
     meta = json.loads(extra["vitexp"])
     assert meta["mean"] == [0.485, 0.456, 0.406] and meta["interpolation"] == "bicubic"
+    figure = attention_figure(trained, images=[image], output=tmp_path / "attention.png")
+    assert figure.stat().st_size > 0
 
 
 @pytest.mark.slow

@@ -2,7 +2,8 @@
 and the confusion matrix. Pure drawing on tensors; used by training (the run's
 `attention.png`) and by the inspection commands alike.
 
-Two views of the same forward pass (`VisionTransformer.attention_maps`):
+Two views of the same forward pass (`VisionTransformer.attention_maps`, or for timm's ViTs
+`timm_attention_maps`):
 
 - Attention rollout (Abnar & Zuidema 2020): per layer, average the heads, add the residual
   connection as an identity (A' = 0.5·A + 0.5·I), renormalise the rows, and multiply the
@@ -19,9 +20,11 @@ token, its attention to itself is left out, so a row over the patches sums to le
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
+from typing import Any
 
 import torch
 from matplotlib.figure import Figure
@@ -32,6 +35,7 @@ from vitexp.data.streams import StreamSplit
 from vitexp.data.transforms import eval_batches
 from vitexp.errors import ConfigError
 from vitexp.models import VisionTransformer
+from vitexp.models.timm_models import readable_timm_attention, timm_attention_maps
 from vitexp.runtime import unwrap
 
 PANEL_INCHES = 1.6  # one map
@@ -79,28 +83,56 @@ class AttentionResult:
     heads: Tensor  # (B, heads, grid_h, grid_w): last layer
     probs: Tensor  # (B, num_classes): softmax of the logits
     query: str  # "class token" or "mean query": which row the maps read
+    layers: int  # how many layers the rollout multiplies
 
 
-@torch.no_grad()
-def compute_attention(model: VisionTransformer, x: Tensor) -> AttentionResult:
-    """Rollout and last-layer per-head maps for a normalised input batch `x`."""
-    maps = model.attention_maps(x)
-    prefix = model.embeddings.num_prefix_tokens
-    grid = model.embeddings.grid_size
-    return AttentionResult(
-        rollout=to_grid(patch_scores(rollout(maps), prefix), grid),
-        heads=to_grid(patch_scores(maps[-1], prefix), grid),
-        probs=model(x).float().softmax(dim=-1),
-        query="class token" if prefix else "mean query",
-    )
+@dataclass(frozen=True)
+class AttentionReader:
+    """How to read one model's attention: the maps of a forward pass, and the token layout."""
+
+    maps: Callable[[Tensor], list[Tensor]]  # normalised images → (B, heads, T, T) per layer
+    num_prefix_tokens: int  # class (and register) tokens before the patch tokens
+    grid_size: tuple[int, int]  # the patch tokens' rows and columns
+
+
+def attention_reader(model: nn.Module) -> AttentionReader | None:
+    """The reader of a model `save_attention_grid` can draw, else None: vitexp's ViTs (the R50
+    hybrid included) and timm's ViT family (`model=timm`), whose layers all attend over the
+    same tokens. CvT's stages change the token count and CCT pools by learned weights rather
+    than a class token or a mean, so rollout as defined here does not apply to them."""
+    net = unwrap(model)
+    if isinstance(net, VisionTransformer):
+        return AttentionReader(net.attention_maps, net.embeddings.num_prefix_tokens, net.embeddings.grid_size)
+    if readable_timm_attention(net):
+        timm_vit: Any = net  # timm's VisionTransformer: its attributes are not typed here
+        rows, cols = timm_vit.patch_embed.grid_size
+        return AttentionReader(
+            partial(timm_attention_maps, net), int(timm_vit.num_prefix_tokens), (int(rows), int(cols))
+        )
+    return None
 
 
 def has_attention_maps(model: nn.Module) -> bool:
-    """Whether `save_attention_grid` can draw this model: ViTs (the R50 hybrid included),
-    whose layers all attend over the same tokens. CvT's stages change the token count and
-    CCT pools by learned weights rather than a class token or a mean, so rollout as defined
-    here does not apply to them."""
-    return isinstance(unwrap(model), VisionTransformer)
+    """Whether `save_attention_grid` can draw this model (see `attention_reader`)."""
+    return attention_reader(model) is not None
+
+
+@torch.no_grad()
+def compute_attention(model: nn.Module, x: Tensor) -> AttentionResult:
+    """Rollout and last-layer per-head maps for a normalised input batch `x`."""
+    reader = attention_reader(model)
+    if reader is None:
+        name = type(unwrap(model)).__name__
+        raise ConfigError(f"attention maps are drawn for vitexp's ViTs and timm's ViT family, not {name}")
+    maps = reader.maps(x)
+    prefix = reader.num_prefix_tokens
+    return AttentionResult(
+        rollout=to_grid(patch_scores(rollout(maps), prefix), reader.grid_size),
+        heads=to_grid(patch_scores(maps[-1], prefix), reader.grid_size),
+        probs=model(x).float().softmax(dim=-1),
+        query="class token" if prefix else "mean query",
+        layers=len(maps),
+    )
 
 
 # --------------------------------------------------------------------------- the picture
@@ -141,11 +173,6 @@ def save_attention_grid(
     """
     path = Path(path)
     net = unwrap(model)
-    if not isinstance(net, VisionTransformer):
-        raise ConfigError(
-            f"attention maps are drawn for ViT models (VisionTransformer, the R50 hybrid), "
-            f"not {type(net).__name__}"
-        )
     if len(images) == 0:
         raise ConfigError("no images to show")
     device = next(net.parameters()).device
@@ -159,9 +186,9 @@ def save_attention_grid(
 
     rows, heads = len(images), result.heads.shape[1]
     cols = 2 + heads
-    names = list(class_names) if class_names is not None else [str(i) for i in range(net.num_classes)]
+    names = list(class_names) if class_names is not None else [str(i) for i in range(result.probs.shape[1])]
     truth = [int(t) for t in labels] if labels is not None else None
-    layers = len(net.encoder.layer)
+    layers = result.layers
     # A Figure of its own (no pyplot): no global state, no GUI backend, safe inside training.
     fig = Figure(figsize=(cols * PANEL_INCHES, rows * PANEL_INCHES + 0.5), dpi=DPI, layout="constrained")
     axes = fig.subplots(rows, cols, squeeze=False)

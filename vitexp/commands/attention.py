@@ -4,19 +4,9 @@
     python -m vitexp.attention checkpoint=PATH index=[0,1,2]                  (the checkpoint's dataset)
     python -m vitexp.attention checkpoint=PATH dataset=cifar10 dataset.root=DIR index=7 split=test
 
-Two views of the same forward pass (`VisionTransformer.attention_maps`):
-
-- Attention rollout (Abnar & Zuidema 2020): per layer, average the heads, add the residual
-  connection as an identity (A' = 0.5·A + 0.5·I), renormalise the rows, and multiply the
-  layers (R = A'_L ⋯ A'_1), so R[i, j] estimates how much of input token j reaches output
-  token i. The class token's row over the patch tokens is the map.
-- The last layer's attention of each head, the class token's row over the patch tokens.
-
-Models pooled by average or by sequence pooling (`classifier=gap` or `seqpool`) have no class
-token: their logits read (a weighting of) all output tokens, so both views use the mean over
-query tokens (rows) instead of one row.
-Maps are shown min-max scaled each; the values are fractions of attention (for the class
-token, its attention to itself is left out, so a row over the patches sums to less than 1).
+The grid shows, per image, the attention rollout over every layer and the last layer's attention
+of each head (`vitexp.viz` says how each is computed). It is drawn for vitexp's ViTs (the R50
+hybrid included) and for timm's ViT family (`model=timm`); other models are refused in one line.
 """
 
 from __future__ import annotations
@@ -64,7 +54,8 @@ def attention_figure(
     trained = as_trained(checkpoint, device)
     if not has_attention_maps(trained.model):
         kind = f"{type(trained.model).__module__.split('.')[0]}'s {type(trained.model).__name__}"
-        raise ConfigError(f"{trained.path.name}: attention maps are drawn for vitexp's ViTs, not {kind}")
+        drawn = "attention maps are drawn for vitexp's ViTs and timm's ViT family"
+        raise ConfigError(f"{trained.path.name}: {drawn}, not {kind}")
     labels = None
     if images:
         pictures = load_images(images, trained.in_channels, trained.img_size)

@@ -17,11 +17,12 @@ from __future__ import annotations
 
 import difflib
 import importlib
+import sys
 from dataclasses import dataclass
 from types import ModuleType
 from typing import Any, TypedDict
 
-from torch import nn
+from torch import Tensor, nn
 from typing_extensions import Unpack
 
 from vitexp.errors import ConfigError, first_line
@@ -213,3 +214,54 @@ def timm_parameter_layers(model: nn.Module) -> dict[str, int]:
         return layers
     fallback: dict[str, int] = auto_group_layers(model)
     return fallback
+
+
+def _timm_vit_attention(model: nn.Module) -> list[Any] | None:
+    """The attention modules of a timm ViT whose probabilities can be read, else None: a model
+    of timm's VisionTransformer family whose every block's `attn` computes them explicitly (as
+    `softmax(q·kᵀ)` fed to `attn_drop`) when its fused path is off."""
+    # timm is imported already when the model is one of its own: no import for other models.
+    vision_transformer = sys.modules.get("timm.models.vision_transformer")
+    if vision_transformer is None or not isinstance(model, vision_transformer.VisionTransformer):
+        return None
+    attentions = [getattr(block, "attn", None) for block in getattr(model, "blocks", ())]
+    readable = all(
+        isinstance(attn, nn.Module)
+        and hasattr(attn, "fused_attn")
+        and isinstance(getattr(attn, "attn_drop", None), nn.Module)
+        for attn in attentions
+    )
+    return attentions if attentions and readable else None
+
+
+def readable_timm_attention(model: nn.Module) -> bool:
+    """Whether `timm_attention_maps` can read this model's attention (timm's ViT family)."""
+    return _timm_vit_attention(model) is not None
+
+
+def timm_attention_maps(model: nn.Module, x: Tensor) -> list[Tensor]:
+    """Every block's attention probabilities for the normalised images `x`, in one forward
+    pass: (B, heads, tokens, tokens) per block, prefix tokens (class, registers) first.
+
+    timm computes them only on its unfused path (`scaled_dot_product_attention` never returns
+    them), so the pass turns `fused_attn` off in every block and records what each block's
+    `attn_drop` receives; the model is left as it was."""
+    attentions = _timm_vit_attention(model)
+    if attentions is None:
+        raise ConfigError(f"timm's {type(model).__name__} has no attention maps that vitexp can read")
+    maps: list[Tensor] = []
+    fused = [attn.fused_attn for attn in attentions]
+    hooks = [
+        attn.attn_drop.register_forward_hook(lambda _module, args, _out: maps.append(args[0].detach()))
+        for attn in attentions
+    ]
+    try:
+        for attn in attentions:
+            attn.fused_attn = False
+        model(x)
+    finally:
+        for hook in hooks:
+            hook.remove()
+        for attn, was_fused in zip(attentions, fused, strict=True):
+            attn.fused_attn = was_fused
+    return maps
