@@ -40,8 +40,11 @@ lint: install-dev
 	$(PY) -m mypy
 
 # PYTEST_ARGS="-m sweep" runs one marker's tests instead (a later -m replaces pyproject's).
+# The fast tier runs on every core (pytest-xdist; a test file stays on one worker, so its
+# session fixtures are built once); the full tier runs in one process, as its sweeps, DDP and
+# Slurm tests start processes of their own.
 test: lint
-	$(PY) -m pytest $(PYTEST_ARGS)
+	$(PY) -m pytest -n auto --dist loadfile $(PYTEST_ARGS)
 
 # -m '' lifts pyproject's selection: every test, marked or not.
 test-all: lint

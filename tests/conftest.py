@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from pathlib import Path
 
@@ -9,6 +10,17 @@ import pytest
 from omegaconf import DictConfig
 
 from tests.helpers import SHARED_DATA, compose_cfg
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Under pytest-xdist (`make test` runs two workers on this 2-core machine) each worker and
+    the commands it starts take one thread (`trainer.num_threads=auto` reads OMP_NUM_THREADS):
+    two processes of two threads each on two cores run many times slower, not twice."""
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        os.environ["OMP_NUM_THREADS"] = "1"
+        import torch
+
+        torch.set_num_threads(1)
 
 
 @pytest.fixture

@@ -50,6 +50,14 @@ def model_config(name: str) -> DictConfig:
     return compose_cfg([f"model={name}"]).model
 
 
+@functools.cache
+def model_target(name: str) -> str:
+    """The constructor model option `name` names: the option composed alone (half the time of
+    the whole config), for the tests that pick options by family as they are collected."""
+    with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):
+        return str(compose(config_name=f"model/{name}").model["_target_"])
+
+
 def model_options() -> list[str]:
     from vitexp.config import group_options
 

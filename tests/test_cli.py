@@ -215,6 +215,7 @@ def run_module(module: str, *args: str, cwd: Path = REPO) -> subprocess.Complete
     )
 
 
+@pytest.mark.slow
 def test_inspection_command_mistakes_are_one_line(tmp_path):
     typo = run_module("vitexp.evaluate", "checkpint=last.pt", cwd=tmp_path)
     assert typo.returncode == 2
@@ -224,6 +225,7 @@ def test_inspection_command_mistakes_are_one_line(tmp_path):
     assert nothing.stderr.splitlines() == ["error: checkpoint is required: add checkpoint=... to the command"]
 
 
+@pytest.mark.slow
 def test_inspection_multirun_reports_each_failed_job_and_exits_1(tmp_path):
     result = run_module("vitexp.predict", "-m", "checkpoint=a.pt,b.pt", "images=x.png", cwd=tmp_path)
     assert result.returncode == 1
@@ -235,6 +237,7 @@ def test_inspection_multirun_reports_each_failed_job_and_exits_1(tmp_path):
     assert "Traceback" not in result.stderr and not (tmp_path / "error.txt").exists()
 
 
+@pytest.mark.slow
 def test_help_lists_no_base_and_every_trainer_setting_from_its_declaration():
     result = run_cli("--help")
     assert result.returncode == 0

@@ -3,7 +3,7 @@ in the fast tier. Most live beside the functions they exercise:
 
     python -m vitexp            tests/test_train.py::test_cli_run_writes_hydra_run_dir
     python -m vitexp.evaluate   tests/test_inspect.py::test_evaluate_cli_composes_a_dataset_from_the_group
-    python -m vitexp.predict    tests/test_inspect.py::test_predict_cli_prints_top5_and_fails_in_one_line
+    python -m vitexp.predict    tests/test_inspect.py::test_predict_cli_prints_top5
     python -m vitexp.attention  tests/test_inspect.py::test_attention_cli_writes_only_the_picture
     python -m vitexp.export     tests/test_inspect.py::test_export_cli
 

@@ -127,6 +127,7 @@ def test_experiment_overrides_beat_group_defaults():
     assert compose_cfg(["experiment=digits", "trainer.batch_size=16"]).trainer.batch_size == 16
 
 
+@pytest.mark.slow
 def test_cli_composes_from_any_working_directory(tmp_path):
     # PYTHONPATH: this checkout's vitexp, not whichever one is installed
     result = run_cli(
@@ -143,6 +144,7 @@ def test_cli_composes_from_any_working_directory(tmp_path):
     assert cfg.model.mlp_dim == 128 and cfg.model.classifier == "gap"  # the preset over the shared base
 
 
+@pytest.mark.slow
 def test_wheel_carries_the_configs(tmp_path):
     """A non-editable install finds conf/ and experiments/ inside the package."""
     subprocess.run(

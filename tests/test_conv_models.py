@@ -21,7 +21,13 @@ import torch.nn.functional as F
 from omegaconf import OmegaConf
 from torch import Tensor, nn
 
-from tests.helpers import assert_final_is_last_checkpoint, compose_cfg, model_config, model_options
+from tests.helpers import (
+    assert_final_is_last_checkpoint,
+    compose_cfg,
+    model_config,
+    model_options,
+    model_target,
+)
 from tests.test_convert import _npz_arrays
 from vitexp.config import conf_dir
 from vitexp.errors import ConfigError
@@ -33,7 +39,7 @@ from vitexp.training.optim import build_optimizer
 VIT_TARGET = "vitexp.models.VisionTransformer"
 TIMM_TARGET = "vitexp.models.timm_model"
 # vitexp's convolutional families (model=timm builds timm's models: tests/test_timm_models.py).
-CONV_MODELS = [n for n in model_options() if model_config(n)["_target_"] not in (VIT_TARGET, TIMM_TARGET)]
+CONV_MODELS = [n for n in model_options() if model_target(n) not in (VIT_TARGET, TIMM_TARGET)]
 
 
 def _perturb(model: nn.Module, seed: int = 0, scale: float = 0.1) -> nn.Module:

@@ -61,6 +61,7 @@ def test_a_first_run_mistake_is_one_line_and_exit_status_2(mistake, tmp_path, ca
     assert record.exc_info is None  # no traceback
 
 
+@pytest.mark.slow
 def test_an_image_folder_without_val_through_the_command_line(tmp_path):
     root = _train_split_only(tmp_path / "images")
     run_dir = tmp_path / "run"

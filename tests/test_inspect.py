@@ -390,7 +390,7 @@ def test_predict_names_the_file_it_cannot_read(token_ckpt, tmp_path):
         predict_images(token_ckpt, [tmp_path / "missing.jpg"])
 
 
-def test_predict_cli_prints_top5_and_fails_in_one_line(token_ckpt, tmp_path):
+def test_predict_cli_prints_top5(token_ckpt, tmp_path):
     write_image(tmp_path / "a.png", np.random.default_rng(3).integers(0, 256, (16, 16, 3), np.uint8))
     result = run_module("vitexp.predict", f"checkpoint={token_ckpt}", "images=[a.png]", cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-2000:]
@@ -400,6 +400,11 @@ def test_predict_cli_prints_top5_and_fails_in_one_line(token_ckpt, tmp_path):
         and len(lines) == 6
         and all(line.strip().split()[0].endswith("%") for line in lines[1:])
     )
+
+
+@pytest.mark.slow
+def test_predict_cli_fails_in_one_line(token_ckpt, tmp_path):
+    write_image(tmp_path / "a.png", np.random.default_rng(3).integers(0, 256, (16, 16, 3), np.uint8))
     result = run_module("vitexp.predict", f"checkpoint={token_ckpt}", "images=[a.png,b.png]", cwd=tmp_path)
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert result.stderr.strip().splitlines() == ["error: image b.png does not exist; check the path"]

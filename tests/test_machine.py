@@ -170,6 +170,7 @@ def test_set_threads_applies_the_share_to_torch(monkeypatch, caplog):
     assert "torch threads: 1 (1 CPU(s): the affinity mask)" in caplog.text
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(shutil.which("taskset") is None, reason="taskset (util-linux) is not installed")
 def test_auto_threads_under_taskset_is_one():
     probe = (

@@ -6,13 +6,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from tests.helpers import compose_cfg, model_config, model_options
+from tests.helpers import compose_cfg, model_config, model_options, model_target
 from vitexp.errors import ConfigError
 from vitexp.models import VisionTransformer, build_model
 from vitexp.registry import keyword_arguments
 
 # The plain ViTs; the convolutional families have their own tests (test_conv_models.py).
-MODEL_NAMES = [n for n in model_options() if model_config(n)._target_ == "vitexp.models.VisionTransformer"]
+MODEL_NAMES = [n for n in model_options() if model_target(n) == "vitexp.models.VisionTransformer"]
 
 
 def tiny(**overrides) -> VisionTransformer:

@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch import nn
 
-from tests.helpers import model_config, model_options
+from tests.helpers import model_config, model_options, model_target
 from vitexp.errors import ConfigError
 from vitexp.models import CCT, CvT, HybridVisionTransformer, VisionTransformer
 from vitexp.models.build import MODEL_REGISTRY
@@ -18,17 +18,16 @@ from vitexp.models.timm_models import timm_model
 from vitexp.models.vit import PAPER_PATCH_SIZES, PAPER_SIZES, paper_model_name
 from vitexp.models.weights import FAMILIES, family_of, load_converted, load_pretrained
 
-VIT_CONFIGS = {
-    name: model_config(name)
-    for name in model_options()
-    if name.startswith("vit_") and model_config(name)["_target_"] == "vitexp.models.VisionTransformer"
-}
-
 
 def test_paper_size_table_names_exactly_the_configs_there_are() -> None:
+    vit_configs = {
+        name: model_config(name)
+        for name in model_options()
+        if name.startswith("vit_") and model_target(name) == "vitexp.models.VisionTransformer"
+    }
     named = {f"vit_{size}{patch}" for size, patches in PAPER_PATCH_SIZES.items() for patch in patches}
-    assert named == set(VIT_CONFIGS)
-    for name, cfg in VIT_CONFIGS.items():
+    assert named == set(vit_configs)
+    for name, cfg in vit_configs.items():
         size = re.fullmatch(r"vit_([a-z]+)\d+", name).group(1)
         assert PAPER_SIZES[size] == {k: cfg[k] for k in ("hidden_size", "num_layers", "mlp_dim", "num_heads")}
         assert paper_model_name(cfg.hidden_size, cfg.num_layers, cfg.mlp_dim, cfg.patch_size) == name

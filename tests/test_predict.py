@@ -103,6 +103,7 @@ def run_documented(command: str, cwd: Path) -> subprocess.CompletedProcess:
     )
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("command", "printed"),
     [

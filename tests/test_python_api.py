@@ -62,3 +62,20 @@ def test_compose_checks_the_overrides_as_the_command_line_does() -> None:
         vitexp.compose(["trainer.batch_size=0"])
     cfg = vitexp.compose(["experiment=digits", "model.num_layers=2"])
     assert cfg.model.num_layers == 2 and "hydra" not in cfg
+
+
+def test_a_preset_changed_between_two_compositions_is_read_again(tmp_path: Path, monkeypatch) -> None:
+    """Presets are read once, not at every composition, but a changed file is read again."""
+    import os
+
+    import vitexp.config.files as files
+
+    preset = tmp_path / "mine.yaml"
+    preset.write_text("# @package _global_\nseed: 1\n")
+    monkeypatch.setattr(files, "experiments_dir", lambda: tmp_path)
+    assert vitexp.compose(["experiment=mine"]).seed == 1
+    assert vitexp.compose(["experiment=mine"]).seed == 1
+    preset.write_text("# @package _global_\nseed: 2\n")
+    stat = preset.stat()
+    os.utime(preset, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000_000))  # a coarse clock's write
+    assert vitexp.compose(["experiment=mine"]).seed == 2

@@ -287,6 +287,7 @@ def test_nonfinite_loss_can_skip_the_step(cfg_factory, caplog):
 # --------------------------------------------------------------------------- bad input
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("args", "message", "a_valid_choice"),
     [

@@ -384,7 +384,9 @@ def numbered_shards(tmp_path) -> Path:
 
 
 @pytest.mark.parametrize("change", [-1, +1], ids=["under-counts", "over-counts"])
-@pytest.mark.parametrize("workers", [0, 2])
+# With workers, the DataLoader of the failed evaluation lives on in the traceback: collected later,
+# its shutdown waits on its workers (~10 s), so that case is in the slow tier.
+@pytest.mark.parametrize("workers", [0, pytest.param(2, marks=pytest.mark.slow)])
 def test_a_shard_index_that_miscounts_a_shard_stops_the_evaluation(numbered_shards, change, workers):
     """The test index lists 5 (or 7) samples for a shard of 6: the first evaluation stops in one
     line naming the shard, both counts and the index to write again; no sample is skipped
@@ -418,6 +420,7 @@ def _evaluate(data: ImageData, workers: int) -> list[int]:
 # --------------------------------------------------------------------------- vitexp.shards
 
 
+@pytest.mark.slow
 def test_the_shards_command_never_overwrites_a_users_files(tmp_path):
     """The issue's case: out= a folder holding the user's train.json. Exit 2, one line, the file
     untouched; out= a file is one line too."""
@@ -458,6 +461,7 @@ def test_overwrite_replaces_only_what_a_conversion_wrote(tmp_path):
     check_command_line("shards", ["dataset=digits", f"out={out}", "overwrite=true"])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("source", [s for s in SOURCES if s.files], ids=lambda s: s.name)
 def test_the_shards_command_reads_every_source_image_first(source, tmp_path, caplog):
     """A corrupt source image is never copied into a shard: fail names it; skip leaves it out,
@@ -502,6 +506,7 @@ def _documented_commands() -> list[str]:
 PLACEHOLDERS = {"K": "10", "ORG/NAME": "org/name", "DIR": "/data/x", "SHARDS": "/data/shards"}
 
 
+@pytest.mark.slow
 def test_documented_data_commands_parse_as_written(tmp_path):
     """Each documented data command goes through Hydra's override parser and the command
     line's check (with placeholders filled in): the brace patterns are quoted as Hydra needs."""

@@ -32,6 +32,7 @@ from vitexp.errors import ConfigError
 # --------------------------------------------------------------------------- local_gpus settings
 
 
+@pytest.mark.slow
 def test_a_launcher_setting_out_of_its_domain_is_one_line_before_ray_starts():
     """The issue's command: one line, exit 2, and no Ray (it used to start Ray, then fail in 25 lines)."""
     result = run_cli(

@@ -81,6 +81,7 @@ def test_leftovers_of_an_interrupted_save_are_removed_at_start(cfg_factory, capl
     assert "left by a checkpoint write that was interrupted" in caplog.text
 
 
+@pytest.mark.slow
 def test_a_locked_run_dir_is_refused_at_once(tmp_path):
     run_dir = tmp_path / "run"
     with RunDirLock(run_dir):
@@ -97,6 +98,7 @@ def test_a_locked_run_dir_is_refused_at_once(tmp_path):
     assert not (run_dir / "metrics.jsonl").exists()
 
 
+@pytest.mark.slow
 def test_the_lock_ends_with_its_process_even_on_sigkill(tmp_path):
     run_dir = tmp_path / "run"
     holder = subprocess.Popen(

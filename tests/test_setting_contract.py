@@ -38,14 +38,22 @@ def _route(key: str) -> tuple[str, ...]:
     """The overrides under which `key` is in the composed config: none when the defaults have
     it, else the first option of its group that does, with that option's required (???)
     settings given."""
-    if key in leaves(compose_cfg()):
+    if key in _leaves_and_missing(())[0]:
         return ()
     group = key.split(".")[0]
     for option in group_options(group):
-        cfg = compose_cfg([f"{group}={option}"])
-        if key in leaves(cfg):
-            return (f"{group}={option}", *(f"{k}=x" for k in missing_keys(cfg)))
+        keys, missing = _leaves_and_missing((f"{group}={option}",))
+        if key in keys:
+            return (f"{group}={option}", *(f"{k}=x" for k in missing))
     raise AssertionError(f"{key} is declared but no option of {group} has it")
+
+
+@functools.cache
+def _leaves_and_missing(overrides: tuple[str, ...]) -> tuple[frozenset[str], tuple[str, ...]]:
+    """The keys of the config composed with `overrides`, and its required (???) ones: each
+    option composed once for all the settings routed through it."""
+    cfg = compose_cfg(list(overrides))
+    return frozenset(leaves(cfg)), tuple(missing_keys(cfg))
 
 
 def _wrong_type(setting: Declared) -> str | None:

@@ -341,6 +341,7 @@ def test_wandb_sweep_runs_python_m_vitexp_with_hydra_overrides(tmp_path):
     assert (run_dir / "summary.json").is_file()
 
 
+@pytest.mark.slow
 def test_hydra_finds_vitexps_plugins_from_any_working_directory(tmp_path):
     """Hydra lists the folders of the hydra_plugins namespace; an editable install must add
     this checkout's (pyproject names the namespace for that), not only the current directory."""

@@ -239,6 +239,7 @@ def test_cli_bad_setting_exits_2_with_one_line_and_no_traceback(tmp_path):
     assert len(errors) == 1 and "img_size=30 is not divisible by patch_size=4" in errors[0]
 
 
+@pytest.mark.slow
 def test_cli_cifar100_without_network_fails_fast_saying_how_to_provide_it(tmp_path):
     """`python -m vitexp model=vit_b16 dataset=cifar100` here: torchvision's download cannot
     reach the network, and the run stops with what to do instead."""
@@ -276,6 +277,7 @@ def test_the_quickstart_runs_the_preset_the_readme_describes():
     assert "python -m vitexp experiment=digits" in readme and "4 layers, width" in readme
 
 
+@pytest.mark.slow
 def test_fine_tune_from_a_previous_run_with_another_head(cfg_factory, tmp_path):
     """`model.pretrained=last.pt` of a 10-class run into a 5-class run: the encoder is
     imported, the head is new (zeros with zero_head)."""
@@ -297,6 +299,7 @@ def test_fine_tune_from_a_previous_run_with_another_head(cfg_factory, tmp_path):
     )
 
 
+@pytest.mark.slow
 def test_max_time_stops_on_time_with_a_schedule_that_ends_there(cfg_factory):
     cfg = cfg_factory(*FAKE_TINY, "trainer.max_epochs=100000", "trainer.max_time=4", "trainer.batch_size=32",
                       "trainer.log_every_steps=2", "scheduler.warmup_epochs=0")  # fmt: skip

@@ -560,6 +560,7 @@ def test_cli_hub_id_stops_offline_then_trains_from_a_filled_cache(tmp_path: Path
     assert (tmp_path / "trained" / "last.pt").is_file()
 
 
+@pytest.mark.slow
 def test_cli_finetune_preset_downloads_its_named_weights(server: Loopback, tmp_path: Path) -> None:
     """`experiment=cifar10_finetune_vit_b16` with nothing downloaded: its ViT-B_16 comes from the
     (mirrored) bucket into the torch hub cache; tiny sizes and fake data stand in for the GPU run."""

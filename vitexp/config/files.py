@@ -37,15 +37,25 @@ def experiments_dir() -> Path:
     return _first_dir(_PACKAGE / "_experiments", _PACKAGE.parent / "experiments")
 
 
+_registered: tuple[tuple[str, int, int], ...] = ()  # the preset files as last stored
+
+
 def register_experiments() -> list[str]:
     """Store every `experiments/*.yaml` as option NAME of the `experiment` group, merged at
-    the global package (as their `# @package _global_` header says). Returns the names."""
+    the global package (as their `# @package _global_` header says). Returns the names.
+
+    Every composition calls this; the files are read again only when one changed (or the store
+    lost them), which was a third of the time of checking a command line."""
+    global _registered
+    paths = sorted(experiments_dir().glob("*.yaml"))
+    stamp = tuple((str(path), path.stat().st_mtime_ns, path.stat().st_size) for path in paths)
     store = ConfigStore.instance()
-    names = []
-    for path in sorted(experiments_dir().glob("*.yaml")):
-        store.store(group="experiment", name=path.stem, node=OmegaConf.load(path), package="_global_")
-        names.append(path.stem)
-    return names
+    stored = store.repo.get("experiment", {})
+    if stamp != _registered or any(f"{path.stem}.yaml" not in stored for path in paths):
+        for path in paths:
+            store.store(group="experiment", name=path.stem, node=OmegaConf.load(path), package="_global_")
+        _registered = stamp
+    return [path.stem for path in paths]
 
 
 _launch_time: datetime.datetime | None = None
