@@ -17,7 +17,7 @@ import torch
 from tests.helpers import REPO, TINY_MODEL, compose_cfg
 from vitexp.config import validate
 from vitexp.errors import ConfigError
-from vitexp.runtime import cpu_bf16, cpu_share, pick_threads, resolve_precision, set_threads
+from vitexp.runtime import cgroup_cpu_max, cpu_bf16, cpu_share, pick_threads, resolve_precision, set_threads
 
 AVX2 = {"cpu_name": "AMD EPYC", "avx2": True, "avx512_f": False, "avx512_bf16": False, "amx_bf16": False}
 SAPPHIRE_RAPIDS = {**AVX2, "cpu_name": "Intel Xeon", "avx512_f": True, "avx512_bf16": True, "amx_bf16": True}
@@ -128,6 +128,36 @@ def test_the_cpu_share_is_the_tightest_limit():
     assert share(affinity=set(range(16)), cpu_max=["50000 100000"])[0] == 1  # half a CPU: still 1
     assert share(affinity=set(range(16)), cpu_max=["-1 100000"])[0] == 16  # cgroup v1: no quota
     assert share(affinity=set(range(64)), SLURM_CPUS_PER_TASK="8") == (8, "8 CPU(s): SLURM_CPUS_PER_TASK=8")
+
+
+def _cgroup(root, folder: str, **files: str) -> None:
+    (root / folder).mkdir(parents=True, exist_ok=True)
+    for name, text in files.items():
+        (root / folder / name.replace("_", ".", 1)).write_text(text + "\n")
+
+
+def test_cgroup_quotas_are_read_at_every_level_of_v2_and_of_v1s_cpu_hierarchy(tmp_path):
+    """v2: cpu.max of the process's cgroup and the levels above. v1: the quota and period of the
+    cpu controller's hierarchy (mounted as cpu,cpuacct here), at the process's own cgroup (a
+    nested one, as a Slurm job's) and above; a container whose cgroup path this mount lacks
+    reads the mount's own."""
+    root, proc = tmp_path / "sys", tmp_path / "cgroup"
+    _cgroup(root, "job/step", cpu_max="150000 100000")
+    _cgroup(root, "job", cpu_max="max 100000")
+    proc.write_text("0::/job/step\n")
+    assert cgroup_cpu_max(proc, root) == ["150000 100000\n", "max 100000\n"]
+    root = tmp_path / "v1"
+    _cgroup(root, "cpu,cpuacct/slurm/job", cpu_cfs_quota_us="100000", cpu_cfs_period_us="100000")
+    _cgroup(root, "cpu,cpuacct", cpu_cfs_quota_us="-1", cpu_cfs_period_us="100000")
+    proc.write_text("4:memory:/slurm/job\n2:cpu,cpuacct:/slurm/job\n")
+    assert cgroup_cpu_max(proc, root) == ["100000 100000", "-1 100000"]
+    assert cpu_share(affinity={0, 1}, cpu_max=cgroup_cpu_max(proc, root), env={}, cpu_count=2) == (
+        1,
+        "1 CPU(s): the cgroup CPU quota (100000 100000)",
+    )
+    proc.write_text("2:cpu,cpuacct:/docker/0123abcd\n")  # a container: its cgroup is the mount
+    assert cgroup_cpu_max(proc, root) == ["-1 100000"]
+    assert cgroup_cpu_max(tmp_path / "absent", root) == []
 
 
 def test_the_cpu_share_is_divided_among_the_local_ranks_that_share_it():

@@ -158,26 +158,36 @@ def cpu_share(
     return cpus, f"{cpus} CPU(s): {source}"
 
 
-def _cgroup_cpu_max() -> list[str]:
-    """`cpu.max` of this process's cgroup and of each level above it (cgroup v2), or v1's
-    quota and period in the same form."""
-    root = Path("/sys/fs/cgroup")
+def _levels(mount: Path, path: str) -> list[Path]:
+    """The folders of cgroup `path` and of each level above it, up to the hierarchy's `mount`,
+    that exist here (inside a container the mount may be the container's own cgroup, its path
+    in /proc/self/cgroup then naming a folder this mount does not have)."""
+    level = mount / path.strip().lstrip("/")
+    return [folder for folder in [level, *level.parents] if folder.is_relative_to(mount) and folder.is_dir()]
+
+
+def cgroup_cpu_max(
+    cgroup_file: Path = Path("/proc/self/cgroup"), root: Path = Path("/sys/fs/cgroup")
+) -> list[str]:
+    """The CPU quotas of this process's cgroup and of each level above it, as "QUOTA PERIOD"
+    (or "max PERIOD"): `cpu.max` under cgroup v2; `cpu.cfs_quota_us` and `cpu.cfs_period_us`
+    of the cpu controller's hierarchy under v1 (mounted as cpu, or cpu,cpuacct), where -1 means
+    no quota. `cgroup_file` lists this process's cgroups (`N:CONTROLLERS:PATH`)."""
     texts = []
     try:
-        own = next(
-            (line.split(":", 2)[2] for line in Path("/proc/self/cgroup").read_text().splitlines()
-             if line.startswith("0::")), "/",
-        )  # fmt: skip
-        level = root / own.strip().lstrip("/")
-        for folder in [level, *level.parents]:
-            if folder == root.parent:
-                break
-            if (folder / "cpu.max").is_file():
-                texts.append((folder / "cpu.max").read_text())
-        v1 = root / "cpu" / "cpu.cfs_quota_us"
-        if v1.is_file():  # cgroup v1 ("-1": no quota)
-            texts.append(f"{v1.read_text().strip()} {(v1.parent / 'cpu.cfs_period_us').read_text()}")
-    except OSError:  # no cgroup filesystem (macOS, a restricted container): no quota known
+        for line in cgroup_file.read_text().splitlines():
+            _, controllers, path = line.split(":", 2)
+            if not controllers:  # "0::PATH": the v2 hierarchy, mounted at the root
+                levels = _levels(root, path)
+                texts += [(f / "cpu.max").read_text() for f in levels if (f / "cpu.max").is_file()]
+            elif "cpu" in controllers.split(","):
+                names = (controllers, "cpu", "cpu,cpuacct", "cpuacct,cpu")
+                mount = next((root / name for name in names if (root / name).is_dir()), None)
+                for folder in _levels(mount, path) if mount is not None else []:
+                    if (folder / "cpu.cfs_quota_us").is_file():
+                        quota = (folder / "cpu.cfs_quota_us").read_text().strip()
+                        texts.append(f"{quota} {(folder / 'cpu.cfs_period_us').read_text().strip()}")
+    except (OSError, ValueError):  # no cgroup filesystem (macOS, a restricted container): no quota known
         pass
     return texts
 
@@ -186,7 +196,7 @@ def machine_cpu_share() -> tuple[int, str]:
     """`cpu_share` of this process, read from the machine."""
     affinity = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else None
     return cpu_share(
-        affinity=affinity, cpu_max=_cgroup_cpu_max(), env=os.environ, cpu_count=os.cpu_count() or 1
+        affinity=affinity, cpu_max=cgroup_cpu_max(), env=os.environ, cpu_count=os.cpu_count() or 1
     )
 
 
