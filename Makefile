@@ -10,7 +10,10 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 CONSTRAINTS ?= constraints.txt
-PIP_INSTALL = $(PY) -m pip install --quiet $(if $(CONSTRAINTS),-c $(CONSTRAINTS))
+# setuptools' editable install of this flat layout says "Editable installation ... be careful
+# with folders named like your package" as a warning, for want of another channel (its class is
+# InformationOnly: pypa/packaging-problems#558); that one message is filtered, no other.
+PIP_INSTALL = PYTHONWARNINGS="ignore:Editable installation" $(PY) -m pip install --quiet $(if $(CONSTRAINTS),-c $(CONSTRAINTS))
 PYTEST_ARGS ?=
 
 .PHONY: install install-dev quickstart test test-all lint constraints clean

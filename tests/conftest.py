@@ -36,3 +36,24 @@ def cifar_root() -> Path:
     if not (SHARED_DATA / "cifar-10-batches-py" / "data_batch_1").is_file():
         pytest.skip(f"the CIFAR-10 subset is not at {SHARED_DATA}/cifar-10-batches-py (set VITEXP_TEST_DATA)")
     return SHARED_DATA
+
+
+@pytest.fixture
+def torch_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """torch.hub's cache (TORCH_HOME) in `tmp_path`, for this test only."""
+    home = tmp_path / "torch"
+    monkeypatch.setenv("TORCH_HOME", str(home))
+    return home
+
+
+@pytest.fixture
+def hub_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """An offline Hub (HF_HUB_OFFLINE) with its cache in `tmp_path`: huggingface_hub read both
+    when it was imported, so its constants are set, for this test only."""
+    from huggingface_hub import constants
+
+    cache = tmp_path / "hf" / "hub"
+    cache.mkdir(parents=True)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    return cache

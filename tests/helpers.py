@@ -5,6 +5,7 @@ loop's seam."""
 from __future__ import annotations
 
 import functools
+import hashlib
 import json
 import os
 import subprocess
@@ -133,3 +134,30 @@ def assert_final_is_last_checkpoint(run_dir: Path) -> dict:
 
 def state_dicts_equal(a: dict[str, Tensor], b: dict[str, Tensor]) -> bool:
     return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def fill_hub_cache(cache: Path, repo_id: str, folder: Path, commit: str = "a" * 40) -> str:
+    """Put the files of `folder` (as saved by timm or transformers) into the Hub cache `cache`
+    as huggingface_hub lays it out: blobs by content, a snapshot of symlinks for `commit`, and
+    refs/main naming it. Returns the commit."""
+    from huggingface_hub import scan_cache_dir
+    from huggingface_hub.file_download import repo_folder_name
+
+    repo = cache / repo_folder_name(repo_id=repo_id, repo_type="model")
+    snapshot = repo / "snapshots" / commit
+    snapshot.mkdir(parents=True)
+    (repo / "blobs").mkdir()
+    for file in folder.iterdir():
+        data = file.read_bytes()
+        blob = repo / "blobs" / hashlib.sha256(data).hexdigest()
+        blob.write_bytes(data)
+        (snapshot / file.name).symlink_to(os.path.relpath(blob, snapshot))
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    # huggingface_hub's own reader of the cache sees the repo, its revision and its files.
+    (info,) = [r for r in scan_cache_dir(cache).repos if r.repo_id == repo_id]
+    (revision,) = info.revisions
+    assert revision.commit_hash == commit and {f.file_name for f in revision.files} == {
+        f.name for f in folder.iterdir()
+    }
+    return commit

@@ -9,8 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.helpers import compose_cfg
-from tests.test_weights_sources import fill_hub_cache, hub_cache  # noqa: F401 (a fixture)
+from tests.helpers import compose_cfg, fill_hub_cache
 from vitexp.config import validate
 from vitexp.models import build_model
 from vitexp.training import train
@@ -29,7 +28,7 @@ PRESETS = {
 
 @pytest.mark.slow
 @pytest.mark.parametrize("preset", sorted(PRESETS))
-def test_the_preset_trains_from_a_filled_offline_cache(preset, hub_cache, tmp_path):  # noqa: F811
+def test_the_preset_trains_from_a_filled_offline_cache(preset, hub_cache, tmp_path):
     cfg = compose_cfg([f"experiment={preset}"])
     assert validate(cfg) == [] and cfg.model.pretrained is True
     hub_id, size = PRESETS[preset]

@@ -46,13 +46,6 @@ def server() -> Iterator[Loopback]:
     loopback.stop()
 
 
-@pytest.fixture
-def torch_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    home = tmp_path / "torch"
-    monkeypatch.setenv("TORCH_HOME", str(home))
-    return home
-
-
 def _tiny_weights() -> dict[str, torch.Tensor]:
     torch.manual_seed(0)
     return build_model(_model_cfg("")).state_dict()

@@ -13,8 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.helpers import REPO, compose_cfg, run_cli
-from tests.test_weights_sources import fill_hub_cache, hub_cache  # noqa: F401 (a fixture)
+from tests.helpers import REPO, compose_cfg, fill_hub_cache, run_cli
 from vitexp.commands.attention import attention_figure
 from vitexp.commands.evaluate import evaluate_checkpoint
 from vitexp.commands.export import export_checkpoint
@@ -42,7 +41,7 @@ def timm_cfg(**overrides: object) -> dict:
 
 
 @pytest.fixture
-def dinov2_cache(hub_cache: Path, tmp_path: Path) -> torch.nn.Module:  # noqa: F811
+def dinov2_cache(hub_cache: Path, tmp_path: Path) -> torch.nn.Module:
     """The Hub cache holding a random DINOv2 ViT-S (two blocks) under timm's id; the reference model."""
     torch.manual_seed(0)
     reference = timm.create_model(NAME, pretrained=False, **SMALL).eval()
@@ -62,7 +61,7 @@ def test_pretrained_true_reads_timms_weights_from_the_offline_cache(dinov2_cache
     assert small.img_size == (28, 28) and small(torch.randn(1, 3, 28, 28)).shape == (1, 10)
 
 
-def test_nothing_cached_offline_is_one_line_naming_the_hub_id(hub_cache):  # noqa: F811
+def test_nothing_cached_offline_is_one_line_naming_the_hub_id(hub_cache):
     with pytest.raises(DataError) as err:
         build_model(timm_cfg(pretrained=True))
     message = str(err.value)

@@ -28,7 +28,7 @@ import pytest
 import torch
 from torch import nn
 
-from tests.helpers import REPO, TINY_MODEL, compose_cfg, model_options, run_cli
+from tests.helpers import REPO, TINY_MODEL, compose_cfg, fill_hub_cache, model_options, run_cli
 from tests.test_convert import _assert_same, _images, _npz_arrays, _perturb
 from vitexp.errors import ConfigError, DataError
 from vitexp.models import build_model
@@ -130,13 +130,6 @@ def server() -> Iterator[Loopback]:
     loopback = Loopback({})
     yield loopback
     loopback.stop()
-
-
-@pytest.fixture
-def torch_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    home = tmp_path / "torch"
-    monkeypatch.setenv("TORCH_HOME", str(home))
-    return home
 
 
 def _timm_vit(seed: int = 0) -> nn.Module:
@@ -435,46 +428,6 @@ def test_weights_command_fetches_into_the_cache(
 
 
 # --------------------------------------------------------------------------- the Hugging Face Hub
-
-
-def fill_hub_cache(cache: Path, repo_id: str, folder: Path, commit: str = "a" * 40) -> str:
-    """Put the files of `folder` (as saved by timm or transformers) into the Hub cache `cache`
-    as huggingface_hub lays it out: blobs by content, a snapshot of symlinks for `commit`, and
-    refs/main naming it. Returns the commit."""
-    from huggingface_hub import scan_cache_dir
-    from huggingface_hub.file_download import repo_folder_name
-
-    repo = cache / repo_folder_name(repo_id=repo_id, repo_type="model")
-    snapshot = repo / "snapshots" / commit
-    snapshot.mkdir(parents=True)
-    (repo / "blobs").mkdir()
-    for file in folder.iterdir():
-        data = file.read_bytes()
-        blob = repo / "blobs" / hashlib.sha256(data).hexdigest()
-        blob.write_bytes(data)
-        (snapshot / file.name).symlink_to(os.path.relpath(blob, snapshot))
-    (repo / "refs").mkdir()
-    (repo / "refs" / "main").write_text(commit)
-    # huggingface_hub's own reader of the cache sees the repo, its revision and its files.
-    (info,) = [r for r in scan_cache_dir(cache).repos if r.repo_id == repo_id]
-    (revision,) = info.revisions
-    assert revision.commit_hash == commit and {f.file_name for f in revision.files} == {
-        f.name for f in folder.iterdir()
-    }
-    return commit
-
-
-@pytest.fixture
-def hub_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    """An offline Hub (HF_HUB_OFFLINE) with its cache in `tmp_path`: huggingface_hub read both
-    when it was imported, so its constants are set, for this test only."""
-    from huggingface_hub import constants
-
-    cache = tmp_path / "hf" / "hub"
-    cache.mkdir(parents=True)
-    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
-    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
-    return cache
 
 
 def test_hub_timm_repo_gives_timm_logits(hub_cache: Path, tmp_path: Path) -> None:
