@@ -3,6 +3,7 @@ study: started on 127.0.0.1, asked for its studies and trials over HTTP, then st
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import shutil
@@ -15,8 +16,10 @@ import pytest
 
 from tests.test_reliability_sweeps import free_port, sweeper
 
-pytest.importorskip(
-    "optuna_dashboard", reason="optuna-dashboard is not installed (pip install -e '.[dashboard]')"
+# Found, not imported: importing the dashboard takes a second of every collection.
+pytestmark = pytest.mark.skipif(
+    importlib.util.find_spec("optuna_dashboard") is None,
+    reason="optuna-dashboard is not installed (pip install -e '.[dashboard]')",
 )
 
 

@@ -177,6 +177,7 @@ TINY_RUN = [*TINY_MODEL, "model.img_size=16", "trainer.batch_size=64", "trainer.
 FAST = ["dataset=fake", *TINY_RUN]
 
 
+@pytest.mark.slow
 def test_keep_last_k_bounds_epoch_checkpoints(cfg_factory):
     cfg = cfg_factory(*FAST, "trainer.max_epochs=4", "trainer.save_every_epoch=true", "trainer.keep_last_k=2")
     train(cfg)

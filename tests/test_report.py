@@ -227,6 +227,7 @@ COMPARE_COMMAND = (
 )
 
 
+@pytest.mark.slow
 def test_the_documented_comparison_of_two_runs(tiny_run, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     job_copy(tiny_run, tmp_path / "outputs/2026-11-27/15-54-21", ["optimizer.lr=0.001"], best=0.5, final=0.5)

@@ -96,6 +96,7 @@ def test_a_failing_wandb_warns_once_and_training_goes_on(tmp_path, monkeypatch, 
     assert len(warnings) == 1 and "logging is off for the rest of this run" in warnings[0].getMessage()
 
 
+@pytest.mark.wandb
 def test_wandb_auto_mode_without_credentials_goes_offline(tmp_path, monkeypatch):
     monkeypatch.delenv("WANDB_API_KEY", raising=False)
     monkeypatch.delenv("WANDB_MODE", raising=False)

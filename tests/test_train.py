@@ -69,6 +69,7 @@ def test_loss_goes_down_on_digits(cfg_factory):
     assert rows[-1]["val/loss"] < rows[0]["val/loss"] - 0.1
 
 
+@pytest.mark.slow
 def test_same_seed_same_run(cfg_factory, tmp_path):
     a = cfg_factory(*FAKE_TINY, "trainer.max_steps=4", "trainer.batch_size=32")
     train(a)
@@ -315,6 +316,7 @@ def test_max_time_stops_on_time_with_a_schedule_that_ends_there(cfg_factory):
     assert load_checkpoint(run_dir / "last.pt")["progress"]["epoch_complete"]
 
 
+@pytest.mark.slow
 def test_mixup_cutmix_and_randaugment_train(cfg_factory):
     cfg = cfg_factory(
         *FAKE_TINY, "trainer.max_steps=3", "trainer.batch_size=32", "trainer.mixup_alpha=0.8",
