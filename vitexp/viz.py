@@ -35,7 +35,7 @@ from vitexp.data.streams import StreamSplit
 from vitexp.data.transforms import eval_batches
 from vitexp.errors import ConfigError
 from vitexp.models import VisionTransformer
-from vitexp.models.timm_models import readable_timm_attention, timm_attention_maps
+from vitexp.models.timm_models import readable_timm_attention, timm_attention_pass
 from vitexp.runtime import unwrap
 
 PANEL_INCHES = 1.6  # one map
@@ -88,9 +88,10 @@ class AttentionResult:
 
 @dataclass(frozen=True)
 class AttentionReader:
-    """How to read one model's attention: the maps of a forward pass, and the token layout."""
+    """How to read one model's attention: the maps and logits of its images, and the token layout."""
 
-    maps: Callable[[Tensor], list[Tensor]]  # normalised images → (B, heads, T, T) per layer
+    # normalised images → ((B, heads, T, T) per layer, logits): one pass where the model allows
+    forward: Callable[[Tensor], tuple[list[Tensor], Tensor]]
     num_prefix_tokens: int  # class (and register) tokens before the patch tokens
     grid_size: tuple[int, int]  # the patch tokens' rows and columns
 
@@ -102,12 +103,17 @@ def attention_reader(model: nn.Module) -> AttentionReader | None:
     than a class token or a mean, so rollout as defined here does not apply to them."""
     net = unwrap(model)
     if isinstance(net, VisionTransformer):
-        return AttentionReader(net.attention_maps, net.embeddings.num_prefix_tokens, net.embeddings.grid_size)
+        vit = net  # narrowed for the closure below
+        return AttentionReader(
+            lambda x: (vit.attention_maps(x), vit(x)),
+            vit.embeddings.num_prefix_tokens,
+            vit.embeddings.grid_size,
+        )
     if readable_timm_attention(net):
         timm_vit: Any = net  # timm's VisionTransformer: its attributes are not typed here
         rows, cols = timm_vit.patch_embed.grid_size
         return AttentionReader(
-            partial(timm_attention_maps, net), int(timm_vit.num_prefix_tokens), (int(rows), int(cols))
+            partial(timm_attention_pass, net), int(timm_vit.num_prefix_tokens), (int(rows), int(cols))
         )
     return None
 
@@ -124,12 +130,12 @@ def compute_attention(model: nn.Module, x: Tensor) -> AttentionResult:
     if reader is None:
         name = type(unwrap(model)).__name__
         raise ConfigError(f"attention maps are drawn for vitexp's ViTs and timm's ViT family, not {name}")
-    maps = reader.maps(x)
+    maps, logits = reader.forward(x)
     prefix = reader.num_prefix_tokens
     return AttentionResult(
         rollout=to_grid(patch_scores(rollout(maps), prefix), reader.grid_size),
         heads=to_grid(patch_scores(maps[-1], prefix), reader.grid_size),
-        probs=model(x).float().softmax(dim=-1),
+        probs=logits.float().softmax(dim=-1),
         query="class token" if prefix else "mean query",
         layers=len(maps),
     )

@@ -241,11 +241,16 @@ def readable_timm_attention(model: nn.Module) -> bool:
 
 def timm_attention_maps(model: nn.Module, x: Tensor) -> list[Tensor]:
     """Every block's attention probabilities for the normalised images `x`, in one forward
-    pass: (B, heads, tokens, tokens) per block, prefix tokens (class, registers) first.
+    pass: (B, heads, tokens, tokens) per block, prefix tokens (class, registers) first."""
+    return timm_attention_pass(model, x)[0]
 
-    timm computes them only on its unfused path (`scaled_dot_product_attention` never returns
-    them), so the pass turns `fused_attn` off in every block and records what each block's
-    `attn_drop` receives; the model is left as it was."""
+
+def timm_attention_pass(model: nn.Module, x: Tensor) -> tuple[list[Tensor], Tensor]:
+    """One forward pass of `x`: every block's attention probabilities, and the logits.
+
+    timm computes the probabilities only on its unfused path (`scaled_dot_product_attention`
+    never returns them), so the pass turns `fused_attn` off in every block and records what
+    each block's `attn_drop` receives; the model is left as it was."""
     attentions = _timm_vit_attention(model)
     if attentions is None:
         raise ConfigError(f"timm's {type(model).__name__} has no attention maps that vitexp can read")
@@ -258,10 +263,10 @@ def timm_attention_maps(model: nn.Module, x: Tensor) -> list[Tensor]:
     try:
         for attn in attentions:
             attn.fused_attn = False
-        model(x)
+        logits = model(x)
     finally:
         for hook in hooks:
             hook.remove()
         for attn, was_fused in zip(attentions, fused, strict=True):
             attn.fused_attn = was_fused
-    return maps
+    return maps, logits
