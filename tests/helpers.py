@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 from hydra import compose, initialize_config_dir
-from omegaconf import DictConfig, open_dict
+from omegaconf import DictConfig, OmegaConf, open_dict
 from torch import Tensor, nn
 
 from vitexp.config import conf_dir, register_experiments, register_resolvers
@@ -45,18 +45,34 @@ def compose_cfg(overrides: list[str] | None = None, run_dir: Path | None = None)
 
 
 @functools.cache
+def composed(*overrides: str) -> DictConfig:
+    """`compose_cfg(overrides)`, composed once per test process and read-only (a test that
+    tries to change it fails): for the tests that only read what an option composes to, as
+    several files check each model option."""
+    cfg = compose_cfg(list(overrides))
+    OmegaConf.set_readonly(cfg, True)
+    return cfg
+
+
 def model_config(name: str) -> DictConfig:
     """The composed `model` config of option `name`, its family's base merged in (the files
-    in conf/model/ list only what differs from it)."""
-    return compose_cfg([f"model={name}"]).model
+    in conf/model/ list only what differs from it). Read-only."""
+    return composed(f"model={name}").model
 
 
 @functools.cache
 def model_target(name: str) -> str:
-    """The constructor model option `name` names: the option composed alone (half the time of
-    the whole config), for the tests that pick options by family as they are collected."""
-    with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):
-        return str(compose(config_name=f"model/{name}").model["_target_"])
+    """The constructor model option `name` names, for the tests that pick options by family as
+    they are collected: read from the option's file or, where the file leaves it to its
+    family's base (`defaults: [/model_vit@_here_, _self_]`), from that base, as Hydra merges
+    them. tests/test_config.py checks it against the composed option, for every option; this
+    costs a hundredth of a composition."""
+    option = OmegaConf.load(conf_dir() / "model" / f"{name}.yaml")
+    if "_target_" in option:
+        return str(option["_target_"])
+    (base,) = [entry for entry in option.get("defaults", []) if entry != "_self_"]
+    base_file = conf_dir() / f"{str(base).lstrip('/').removesuffix('@_here_')}.yaml"
+    return str(OmegaConf.load(base_file)["_target_"])
 
 
 def model_options() -> list[str]:

@@ -17,7 +17,7 @@ from hydra.errors import ConfigCompositionException
 from hydra.utils import get_object, instantiate
 from omegaconf import OmegaConf
 
-from tests.helpers import REPO, compose_cfg, run_cli
+from tests.helpers import REPO, compose_cfg, composed, model_config, model_target, run_cli
 from vitexp.config import (
     TrainerConfig,
     conf_dir,
@@ -56,14 +56,16 @@ REQUIRED = {
 
 def _converted(option: str, cifar_root, tmp_path) -> list[str]:
     """The CIFAR subset as shards or as a Hugging Face dataset on disk, for dataset=wds|hf."""
-    from vitexp.data import load_cifar10
+    from vitexp.data import ImageData, load_cifar10
 
     pytest.importorskip("datasets" if option == "hf" else "webdataset")
     cifar = load_cifar10(cifar_root, download=False)
     if option == "wds":
         from vitexp.commands.shards import write_shards
 
-        write_shards(cifar, tmp_path / "shards", shard_size=2000)
+        first_40 = torch.arange(40)  # of each split: enough to read back, and quick to write
+        subset = ImageData(cifar.train.subset(first_40), cifar.test.subset(first_40), cifar.classes)
+        write_shards(subset, tmp_path / "shards", shard_size=2000)
         return [
             f"dataset.train_shards={tmp_path}/shards/train.json",
             f"dataset.test_shards={tmp_path}/shards/test.json",
@@ -88,7 +90,7 @@ def _converted(option: str, cifar_root, tmp_path) -> list[str]:
 
 @pytest.mark.parametrize(("group", "option"), [(g, o) for g in GROUPS for o in options(g)])
 def test_every_option_composes_and_resolves(group, option):
-    cfg = compose_cfg([f"{group}={option}", *REQUIRED.get(option, [])])
+    cfg = composed(f"{group}={option}", *REQUIRED.get(option, []))
     OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
 
 
@@ -206,7 +208,8 @@ NOT_SETTINGS = {"embed_layer"}
 def test_each_model_option_lists_every_constructor_setting_and_nothing_else(option):
     """The model files share a base (conf/model_vit.yaml, model_cct.yaml, model_cvt.yaml) and
     list only their sizes: composed, each is a complete set of keyword arguments."""
-    model = compose_cfg([f"model={option}", *REQUIRED.get(option, [])]).model
+    model = composed(f"model={option}", *REQUIRED.get(option, [])).model
+    assert model._target_ == model_target(option)  # the tests' shortcut reads the files right
     # The constructor's keyword arguments, shared ones (`**encoder: Unpack[...]`) included.
     arguments = set(keyword_arguments(get_object(model._target_)) or ())
     keys = set(model) - {"_target_", "pretrained", "pretrained_format"}
@@ -224,7 +227,7 @@ VIT_SIZES = {"ti": (192, 768, 3, 12), "s": (384, 1536, 6, 12), "b": (768, 3072, 
 @pytest.mark.parametrize("option", [o for o in options("model") if re.fullmatch(r"vit_[a-z]+\d+", o)])
 def test_each_vit_size_is_the_one_its_name_says(option):
     size, patch = re.fullmatch(r"vit_([a-z]+)(\d+)", option).groups()
-    model = compose_cfg([f"model={option}"]).model
+    model = model_config(option)
     assert (model.hidden_size, model.mlp_dim, model.num_heads, model.num_layers) == VIT_SIZES[size]
     assert model.patch_size == int(patch) and model.img_size == (32 if patch == "4" else 224)
     # ... and the settings every size shares, as before the configs shared a base

@@ -649,10 +649,9 @@ def test_missing_garbage_and_non_state_dict_files(tmp_path: Path) -> None:
 
 
 def _paper_config(name: str) -> dict[str, Any]:
-    cfg = model_config(name).copy()
-    cfg.in_channels, cfg.num_classes = 3, 1000
-    kwargs = OmegaConf.to_container(cfg, resolve=True)
+    kwargs = OmegaConf.to_container(model_config(name), resolve=True)
     assert isinstance(kwargs, dict)
+    kwargs |= {"in_channels": 3, "num_classes": 1000}
     for key in ("pretrained", "pretrained_format", "_target_"):
         kwargs.pop(key, None)
     return {str(key): value for key, value in kwargs.items()}

@@ -3,6 +3,7 @@ across epochs without changing a batch (so resume stays exact)."""
 
 from __future__ import annotations
 
+import gc
 import logging
 import multiprocessing
 from pathlib import Path
@@ -71,12 +72,38 @@ def test_an_unreadable_image_mid_epoch_is_named(tmp_path, num_workers):
     assert data.train.paths[-1].endswith("9_broken.png")
     loader = make_loader(data.train, batch_size=4, transform=transform(), train=False, device=CPU,
                          num_workers=num_workers)  # fmt: skip
+    before = {p.pid for p in multiprocessing.active_children()}
     batches = loader.iter_from(loader.new_order())
     assert [len(next(batches)[1]) for _ in range(3)] == [4, 4, 4]  # read fine until the broken file's batch
+    workers = {p.pid for p in multiprocessing.active_children()} - before
+    assert len(workers) == num_workers
     with pytest.raises(DataError, match=r"cannot read image .*class1/9_broken.png \(.*\); fix or remove it, "
                                         r"or set dataset.on_error=skip") as e:  # fmt: skip
         next(batches)
     assert "\n" not in str(e.value)
+    # The workers stop with the error, though its traceback (kept in `e`) holds the iteration:
+    # left to the garbage collector, torch's shutdown would wait 5 s for each.
+    assert not workers & {p.pid for p in multiprocessing.active_children()}
+
+
+def test_a_loader_let_go_stops_its_workers_at_once(tmp_path):
+    """No reference cycle keeps a loader with persistent workers alive: dropping the last
+    reference stops them, with the garbage collector off (it would close the workers' queues
+    before torch's shutdown could tell them to stop, which then waits 5 s for each)."""
+    data = load_imagefolder(image_folder(tmp_path / "images"), image_size=8)
+    loader = make_loader(
+        data.train, batch_size=4, transform=transform(), train=False, device=CPU, num_workers=2
+    )
+    before = {p.pid for p in multiprocessing.active_children()}
+    assert len(list(loader)) == 3
+    workers = {p.pid for p in multiprocessing.active_children()} - before
+    assert len(workers) == 2  # persistent: alive after the epoch
+    gc.disable()
+    try:
+        del loader
+        assert not workers & {p.pid for p in multiprocessing.active_children()}
+    finally:
+        gc.enable()
 
 
 def test_unreadable_images_can_be_skipped_and_a_whole_bad_batch_is_named(tmp_path, caplog):

@@ -384,9 +384,7 @@ def numbered_shards(tmp_path) -> Path:
 
 
 @pytest.mark.parametrize("change", [-1, +1], ids=["under-counts", "over-counts"])
-# With workers, the DataLoader of the failed evaluation lives on in the traceback: collected later,
-# its shutdown waits on its workers (~10 s), so that case is in the slow tier.
-@pytest.mark.parametrize("workers", [0, pytest.param(2, marks=pytest.mark.slow)])
+@pytest.mark.parametrize("workers", [0, 2])
 def test_a_shard_index_that_miscounts_a_shard_stops_the_evaluation(numbered_shards, change, workers):
     """The test index lists 5 (or 7) samples for a shard of 6: the first evaluation stops in one
     line naming the shard, both counts and the index to write again; no sample is skipped

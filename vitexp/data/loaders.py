@@ -171,8 +171,11 @@ class FolderLoader(_Loader):
     def _dataset(self) -> torch.utils.data.Dataset:
         return _DecodedFiles(self.split, self.defer_jpegs)
 
-    def _collate(self, items: list) -> Any:
-        return _collate_decoded(items)
+    # The DataLoader's collate_fn: a function, not a bound method. A DataLoader holding this
+    # loader's method holds the loader too: a reference cycle, which only the garbage collector
+    # frees, closing the workers' queues before torch's shutdown can tell the workers to stop
+    # (it then waits 5 s for each).
+    _collate = staticmethod(_collate_decoded)
 
     def _batches(self, order: Tensor, start: int) -> list[Any]:
         """The batch sampler's entries for batches `start`, ... of `order`: index lists here."""
@@ -237,26 +240,36 @@ class FolderLoader(_Loader):
         return torch.stack(good), labels[torch.tensor(keep, dtype=torch.long)], failures
 
     def _serve(self, loader: torch.utils.data.DataLoader) -> Iterator[tuple[Tensor, Tensor]]:
-        for images, labels, failures in loader:
-            if isinstance(images, list):
-                images, labels, late = self._decode_deferred(images, labels)
-                failures = [*failures, *late]
-            for path, error in failures:
-                if self.split.on_error != "skip":
-                    raise DataError(self._failure(path, error))
-                if path not in self._warned:
-                    self._warned.add(path)
-                    log.warning(self._skipping, path, error)
-            if len(labels) == 0:
-                path, error = failures[0]
-                raise DataError(
-                    f"no image of a whole batch could be read (e.g. {path}: {error}); fix or remove them"
+        batches = iter(loader)
+        try:
+            for images, labels, failures in batches:
+                if isinstance(images, list):
+                    images, labels, late = self._decode_deferred(images, labels)
+                    failures = [*failures, *late]
+                for path, error in failures:
+                    if self.split.on_error != "skip":
+                        raise DataError(self._failure(path, error))
+                    if path not in self._warned:
+                        self._warned.add(path)
+                        log.warning(self._skipping, path, error)
+                if len(labels) == 0:
+                    path, error = failures[0]
+                    raise DataError(
+                        f"no image of a whole batch could be read (e.g. {path}: {error}); fix or remove them"
+                    )
+                non_blocking = self.device.type == "cuda"
+                yield self._finish(
+                    images.to(self.device, non_blocking=non_blocking),
+                    labels.to(self.device, non_blocking=non_blocking),
                 )
-            non_blocking = self.device.type == "cuda"
-            yield self._finish(
-                images.to(self.device, non_blocking=non_blocking),
-                labels.to(self.device, non_blocking=non_blocking),
-            )
+        except Exception:
+            # A failed iteration stops its workers now. Held by the error's traceback (this
+            # frame's), they would be stopped by the garbage collector, which closes their queues
+            # before torch's shutdown can tell them to stop: it then waits 5 s for each.
+            if loader is self._loader:
+                self.close()
+            del batches, loader
+            raise
 
 
 DECODE_ON = ("workers", "device", "auto")
@@ -318,8 +331,7 @@ class StreamLoader(FolderLoader):
     def _dataset(self) -> torch.utils.data.Dataset:
         return StreamBatches(self.split, self.defer_jpegs)
 
-    def _collate(self, items: list) -> Any:
-        return _single(items)
+    _collate = staticmethod(_single)
 
     _skipping = "skipping %s (%s)"
 
