@@ -140,7 +140,6 @@ def _epochs(loader: FolderLoader, generator_seed: int) -> list[list[tuple[torch.
     return out
 
 
-@pytest.mark.slow
 def test_persistent_workers_serve_every_epoch_with_the_same_batches(tmp_path):
     data = load_imagefolder(image_folder(tmp_path / "images", per_class=10), image_size=8)
 

@@ -177,7 +177,6 @@ def test_every_sample_of_an_epoch_is_read_once_over_ranks_and_workers(numbered_s
             assert sorted(seen) == list(range(total))
 
 
-@pytest.mark.slow
 def test_worker_processes_and_a_mid_epoch_resume_replay_the_same_batches(numbered_shards):
     """2 ranks × 2 DataLoader workers (kept across epochs): two epochs with different shard
     orders and shuffles; then a fresh loader given the first loader's state replays epoch 2
