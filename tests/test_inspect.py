@@ -201,6 +201,16 @@ def test_attention_figure_for_files_and_dataset_indices(token_ckpt, gap_ckpt, tm
         attention_figure(token_ckpt)
 
 
+def test_attention_of_a_model_without_maps_is_refused_naming_the_checkpoint(tmp_path):
+    cfg = compose_cfg(["dataset=fake", "dataset.num_classes=3", "model=cct_2_3x2", "model.img_size=8"])
+    path = tmp_path / "cct.pt"
+    config = OmegaConf.to_container(cfg, resolve=True)
+    save_checkpoint({"model": build_model(cfg.model).state_dict(), "config": config, "epoch": 1}, path)
+    message = "cct.pt: attention maps are drawn for vitexp's ViTs and timm's ViT family, not vitexp's CCT"
+    with pytest.raises(ConfigError, match=f"^{message}$"):
+        attention_figure(path, indices=[0])
+
+
 def test_attention_cli_writes_only_the_picture(token_ckpt, tmp_path):
     write_image(tmp_path / "cat.png", np.random.default_rng(1).integers(0, 256, (33, 47), np.uint8))
     before = set(tmp_path.iterdir())

@@ -147,7 +147,7 @@ def test_attention_of_a_timm_vit_without_class_token_and_a_refusal_for_a_cnn():
     torch.testing.assert_close(result.rollout.sum((1, 2)), torch.ones(1))
     cnn = timm.create_model("resnet10t", num_classes=3)
     assert not has_attention_maps(cnn)
-    with pytest.raises(ConfigError, match=r"drawn for vitexp's ViTs and timm's ViT family, not ResNet$"):
+    with pytest.raises(ConfigError, match=r"timm's ViT family, not timm's ResNet$"):
         compute_attention(cnn, torch.randn(1, 3, 32, 32))
 
 

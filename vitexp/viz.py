@@ -123,13 +123,19 @@ def has_attention_maps(model: nn.Module) -> bool:
     return attention_reader(model) is not None
 
 
+def no_attention_maps(model: nn.Module) -> str:
+    """The refusal for a model `has_attention_maps` rejects, naming its library and class."""
+    net = unwrap(model)
+    kind = f"{type(net).__module__.split('.')[0]}'s {type(net).__name__}"
+    return f"attention maps are drawn for vitexp's ViTs and timm's ViT family, not {kind}"
+
+
 @torch.no_grad()
 def compute_attention(model: nn.Module, x: Tensor) -> AttentionResult:
     """Rollout and last-layer per-head maps for a normalised input batch `x`."""
     reader = attention_reader(model)
     if reader is None:
-        name = type(unwrap(model)).__name__
-        raise ConfigError(f"attention maps are drawn for vitexp's ViTs and timm's ViT family, not {name}")
+        raise ConfigError(no_attention_maps(model))
     maps, logits = reader.forward(x)
     prefix = reader.num_prefix_tokens
     return AttentionResult(

@@ -24,7 +24,7 @@ from vitexp.config import conf_dir
 from vitexp.data import FileSplit, ImageData, load_images
 from vitexp.errors import ConfigError
 from vitexp.inference import TrainedModel, as_trained, dataset_from_cfg, split_channels
-from vitexp.viz import has_attention_maps, save_attention_grid
+from vitexp.viz import has_attention_maps, no_attention_maps, save_attention_grid
 
 log = logging.getLogger("vitexp.attention")
 
@@ -53,9 +53,7 @@ def attention_figure(
         raise ConfigError("give either image=FILE (or a list) or index=N (or a list), not both or neither")
     trained = as_trained(checkpoint, device)
     if not has_attention_maps(trained.model):
-        kind = f"{type(trained.model).__module__.split('.')[0]}'s {type(trained.model).__name__}"
-        drawn = "attention maps are drawn for vitexp's ViTs and timm's ViT family"
-        raise ConfigError(f"{trained.path.name}: {drawn}, not {kind}")
+        raise ConfigError(f"{trained.path.name}: {no_attention_maps(trained.model)}")
     labels = None
     if images:
         pictures = load_images(images, trained.in_channels, trained.img_size)

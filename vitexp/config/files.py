@@ -48,7 +48,7 @@ def register_experiments() -> list[str]:
     lost them), which was a third of the time of checking a command line."""
     global _registered
     paths = sorted(experiments_dir().glob("*.yaml"))
-    stamp = tuple((str(path), path.stat().st_mtime_ns, path.stat().st_size) for path in paths)
+    stamp = tuple((str(path), stat.st_mtime_ns, stat.st_size) for path in paths for stat in [path.stat()])
     store = ConfigStore.instance()
     stored = store.repo.get("experiment", {})
     if stamp != _registered or any(f"{path.stem}.yaml" not in stored for path in paths):
