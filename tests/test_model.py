@@ -138,6 +138,10 @@ def test_attention_maps_are_softmax_rows_that_reproduce_the_fused_path():
     _, _, v = block.attn._qkv(h)
     manual = (maps[0] @ v).transpose(1, 2).reshape(2, 17, 32)
     torch.testing.assert_close(block.attn.out(manual), block.attn(h), atol=1e-5, rtol=1e-5)
+    # One pass gives the same maps and the logits of `forward`, exactly.
+    pass_maps, logits = model.attention_pass(x)
+    assert all(torch.equal(a, b) for a, b in zip(pass_maps, maps, strict=True))
+    assert torch.equal(logits, model(x))
 
 
 def test_zero_head_starts_at_uniform_logits():

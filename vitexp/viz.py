@@ -2,8 +2,8 @@
 and the confusion matrix. Pure drawing on tensors; used by training (the run's
 `attention.png`) and by the inspection commands alike.
 
-Two views of the same forward pass (`VisionTransformer.attention_maps`, or for timm's ViTs
-`timm_attention_maps`):
+Two views of the same forward pass (`VisionTransformer.attention_pass`, or for timm's ViTs
+`timm_attention_pass`), which also gives the probabilities the figure prints:
 
 - Attention rollout (Abnar & Zuidema 2020): per layer, average the heads, add the residual
   connection as an identity (A' = 0.5·A + 0.5·I), renormalise the rows, and multiply the
@@ -90,7 +90,7 @@ class AttentionResult:
 class AttentionReader:
     """How to read one model's attention: the maps and logits of its images, and the token layout."""
 
-    # normalised images → ((B, heads, T, T) per layer, logits): one pass where the model allows
+    # normalised images → ((B, heads, T, T) per layer, logits), from one forward pass
     forward: Callable[[Tensor], tuple[list[Tensor], Tensor]]
     num_prefix_tokens: int  # class (and register) tokens before the patch tokens
     grid_size: tuple[int, int]  # the patch tokens' rows and columns
@@ -103,12 +103,7 @@ def attention_reader(model: nn.Module) -> AttentionReader | None:
     than a class token or a mean, so rollout as defined here does not apply to them."""
     net = unwrap(model)
     if isinstance(net, VisionTransformer):
-        vit = net  # narrowed for the closure below
-        return AttentionReader(
-            lambda x: (vit.attention_maps(x), vit(x)),
-            vit.embeddings.num_prefix_tokens,
-            vit.embeddings.grid_size,
-        )
+        return AttentionReader(net.attention_pass, net.embeddings.num_prefix_tokens, net.embeddings.grid_size)
     if readable_timm_attention(net):
         timm_vit: Any = net  # timm's VisionTransformer: its attributes are not typed here
         rows, cols = timm_vit.patch_embed.grid_size

@@ -412,11 +412,16 @@ class Encoder(nn.Module):
     @torch.no_grad()
     def attention_maps(self, x: Tensor) -> list[Tensor]:
         """Every block's attention probabilities for input tokens `x`, in the same forward pass."""
+        return self.attention_pass(x)[0]
+
+    @torch.no_grad()
+    def attention_pass(self, x: Tensor) -> tuple[list[Tensor], Tensor]:
+        """`attention_maps` and what `forward` returns, from one pass over the blocks."""
         maps = []
         for block in self.blocks:
             maps.append(block.attention_weights(x))
             x = block(x)
-        return maps
+        return maps, self.encoder_norm(x)
 
 
 class VisionTransformerArguments(EncoderArguments, total=False):
@@ -592,3 +597,9 @@ class VisionTransformer(nn.Module):
         """Attention probabilities of every layer for input `x`: a list of `num_layers`
         tensors shaped (B, heads, tokens, tokens) whose rows sum to 1."""
         return self.encoder.attention_maps(self.embeddings(x))
+
+    @torch.no_grad()
+    def attention_pass(self, x: Tensor) -> tuple[list[Tensor], Tensor]:
+        """`attention_maps` and the logits `forward` gives, from one forward pass."""
+        maps, tokens = self.encoder.attention_pass(self.embeddings(x))
+        return maps, self.forward_head(tokens)
