@@ -66,7 +66,7 @@ def model_target(name: str) -> str:
     they are collected: read from the option's file or, where the file leaves it to its
     family's base (`defaults: [/model_vit@_here_, _self_]`), from that base, as Hydra merges
     them. tests/test_config.py checks it against the composed option, for every option; this
-    costs a hundredth of a composition."""
+    takes about 10 ms where composing the option takes about 80 ms."""
     option = OmegaConf.load(conf_dir() / "model" / f"{name}.yaml")
     if "_target_" in option:
         return str(option["_target_"])
